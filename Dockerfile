@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # heavyapp: Gunicorn + Flask for CPU-heavy work, one worker per usable CPU.
 #
 #   DOCKER_BUILDKIT=1 docker build -t heavyapp .
@@ -53,7 +51,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-index --find-links /wheels /wheels/*.whl \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
-    && useradd --system --uid 10001 --user-group --no-create-home \
+    && useradd --uid 10001 --user-group --no-create-home --no-log-init \
        --home-dir /nonexistent --shell /usr/sbin/nologin heavyapp
 
 WORKDIR /app
