@@ -70,12 +70,23 @@ def docker_env() -> dict[str, str]:
     return env
 
 
-def docker(*args: str, check: bool = True, timeout: float = 120, capture: bool = True,
-           input: str | None = None) -> subprocess.CompletedProcess:
+def docker(
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    capture: bool = True,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     cmd = [docker_cli(), *args]
-    proc = subprocess.run(cmd, env=docker_env(), text=True, timeout=timeout, input=input,
-                          stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.PIPE if capture else None)
+    proc = subprocess.run(
+        cmd,
+        env=docker_env(),
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+    )
     if check and proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc
@@ -83,9 +94,13 @@ def docker(*args: str, check: bool = True, timeout: float = 120, capture: bool =
 
 # --------------------------------------------------------------------------- engine
 
+
 def engine_running() -> bool:
     try:
-        return docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=20).returncode == 0
+        return (
+            docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=20).returncode
+            == 0
+        )
     except (DockerUnavailable, subprocess.TimeoutExpired, OSError):
         return False
 
@@ -99,15 +114,22 @@ def start_engine(timeout: float = 60) -> int | None:
     docker_cli()  # raises when there is no client at all
     if engine_running():
         return None
-    dockerd = shutil.which("dockerd") or ("/usr/sbin/dockerd" if Path("/usr/sbin/dockerd").exists() else None)
+    dockerd = shutil.which("dockerd") or (
+        "/usr/sbin/dockerd" if Path("/usr/sbin/dockerd").exists() else None
+    )
     if not dockerd:
         raise DockerUnavailable("dockerd is not installed (apt-get install -y docker.io)")
     if os.geteuid() != 0:
         raise DockerUnavailable("no Docker engine is running and starting dockerd needs root")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(STATE_DIR / "dockerd.log", "ab")
-    proc = subprocess.Popen([dockerd], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(STATE_DIR / "dockerd.log", "ab") as log:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [dockerd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (STATE_DIR / "dockerd.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -118,12 +140,15 @@ def start_engine(timeout: float = 60) -> int | None:
             return proc.pid
         time.sleep(0.5)
     stop_engine(proc.pid)
-    raise DockerUnavailable(f"dockerd did not answer within {timeout:.0f} s (log: {STATE_DIR}/dockerd.log)")
+    raise DockerUnavailable(
+        f"dockerd did not answer within {timeout:.0f} s (log: {STATE_DIR}/dockerd.log)"
+    )
 
 
 def stop_engine(pid: int, timeout: float = 30) -> None:
     """Stop a dockerd we started (by its pid only)."""
     import signal
+
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -147,9 +172,10 @@ def stop_engine(pid: int, timeout: float = 30) -> None:
 
 # --------------------------------------------------------------------------- base image
 
+
 def apt_mirror() -> str:
     """The Debian mirror apt already uses for the main suite (one-line or deb822 sources)."""
-    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for f in files:
         if not f.is_file():
             continue
@@ -180,8 +206,12 @@ def host_pip_index_lines() -> list[str]:
     """
     lines: list[str] = []
     try:
-        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], text=True,
-                             capture_output=True, timeout=30).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            text=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return lines
     for line in out.splitlines():
@@ -207,8 +237,15 @@ def base_recipe() -> str:
 
 
 def image_label(tag: str, label: str) -> str | None:
-    proc = docker("image", "inspect", "--format", "{{index .Config.Labels \"%s\"}}" % label, tag,
-                  check=False, timeout=30)
+    proc = docker(
+        "image",
+        "inspect",
+        "--format",
+        f'{{{{index .Config.Labels "{label}"}}}}',
+        tag,
+        check=False,
+        timeout=30,
+    )
     if proc.returncode != 0:
         return None
     return proc.stdout.strip()
@@ -241,16 +278,30 @@ def ensure_base_image(tag: str = BASE_TAG, log=print) -> str:
         root = workdir / "rootfs"
         try:
             log(f"[dockerkit] debootstrap {SUITE} from {mirror} into {root}")
-            subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
-                            SUITE, str(root), mirror],
-                           check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+            subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=" + ",".join(BASE_PACKAGES),
+                    SUITE,
+                    str(root),
+                    mirror,
+                ],
+                check=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=900,
+            )
             _prepare_rootfs(root)
             tar = workdir / "rootfs.tar"
-            subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tar), "."], check=True)
+            subprocess.run(
+                ["tar", "--numeric-owner", "-C", str(root), "-cf", str(tar), "."], check=True
+            )
             changes = [
                 "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "ENV LANG=C.UTF-8",
-                f"ENV PIP_CERT={HOST_CA_BUNDLE} SSL_CERT_FILE={HOST_CA_BUNDLE} REQUESTS_CA_BUNDLE={HOST_CA_BUNDLE}",
+                f"ENV PIP_CERT={HOST_CA_BUNDLE} SSL_CERT_FILE={HOST_CA_BUNDLE}",
+                f"ENV REQUESTS_CA_BUNDLE={HOST_CA_BUNDLE}",
                 f"LABEL heavyapp.base.recipe={recipe}",
                 "LABEL org.opencontainers.image.description=stand-in-for-python:3.12-slim",
                 'CMD ["python3"]',
@@ -277,8 +328,14 @@ def _prepare_rootfs(root: Path) -> None:
     pip_conf += host_pip_index_lines()
     (root / "etc/pip.conf").write_text("\n".join(pip_conf) + "\n")
     # slim it down like the official slim images
-    for sub in ["var/lib/apt/lists", "var/cache/apt/archives", "usr/share/doc", "usr/share/man",
-                "usr/share/info", "var/log"]:
+    for sub in [
+        "var/lib/apt/lists",
+        "var/cache/apt/archives",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "var/log",
+    ]:
         p = root / sub
         if p.is_dir():
             for child in p.iterdir():
@@ -295,6 +352,7 @@ def _prepare_rootfs(root: Path) -> None:
 
 # --------------------------------------------------------------------------- app image
 
+
 def build_app_image(tag: str = APP_TAG, base: str = BASE_TAG, log=print) -> float:
     """``docker build`` the repo's Dockerfile with only the base swapped. Returns seconds taken."""
     t0 = time.monotonic()
@@ -303,7 +361,10 @@ def build_app_image(tag: str = APP_TAG, base: str = BASE_TAG, log=print) -> floa
     with _lock("build"):
         proc = docker(*cmd, check=False, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"docker build failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise RuntimeError(
+            f"docker build failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return time.monotonic() - t0
 
 

@@ -1,0 +1,210 @@
+"""deploy/: the Kubernetes manifests and the Compose bench, checked without a cluster.
+
+Kubernetes: every document under deploy/k8s/ is validated in strict mode (unknown fields are
+errors) against the schemas that ``kubernetes-validate`` ships for the versions in K8S_VERSIONS,
+then checked for the things a schema cannot see: the pool sizes to limits.cpu, the grace period
+covers Gunicorn's graceful timeout, the uid is the Dockerfile's, the labels line up.
+
+Compose: deploy/compose.yaml is checked structurally here and by ``docker-compose config -q``
+(Debian bookworm's docker-compose 1.29, which validates against the Compose specification
+schema) or ``docker compose config -q`` where the v2 plugin exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="pip install kubernetes-validate (dev extra)"
+)
+
+REPO = Path(__file__).resolve().parent.parent
+K8S_DIR = REPO / "deploy" / "k8s"
+COMPOSE = REPO / "deploy" / "compose.yaml"
+# The oldest release we claim (autoscaling/v2, policy/v1 and the probes used are all GA there)
+# and a recent one; kubernetes-validate ships schemas for both.
+K8S_VERSIONS = ["1.30.0", "1.33.0"]
+GUNICORN_GRACEFUL_TIMEOUT_DEFAULT = 30
+
+
+def manifests() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if doc:
+                docs.append((f"{path.name}#{i}", doc))
+    return docs
+
+
+def by_kind(kind: str) -> dict:
+    found = [doc for _, doc in manifests() if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def dockerfile_uid() -> int:
+    users = re.findall(r"^USER\s+(\d+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert users, "the Dockerfile should switch to a numeric non-root USER"
+    return int(users[-1])
+
+
+def app_container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def test_k8s_has_deployment_service_and_hpa():
+    kinds = {doc["kind"] for _, doc in manifests()}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_validate_strictly(version):
+    for name, doc in manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name} ({doc['kind']}) is invalid for Kubernetes {version}: {exc}")
+
+
+def test_strict_validation_catches_a_typo():
+    """The validator really checks: a misspelt field in the Deployment is rejected."""
+    doc = by_kind("Deployment")
+    doc["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 40
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_pool_sizes_to_the_cpu_limit():
+    container = app_container(by_kind("Deployment"))
+    res = container["resources"]
+    assert res["limits"]["cpu"] == res["requests"]["cpu"], "requests == limits: Guaranteed QoS"
+    assert re.fullmatch(r"\d+", str(res["limits"]["cpu"])), "whole CPUs: one worker each"
+    assert "memory" in res["limits"]
+    assert "WEB_CONCURRENCY" not in env_of(container), "the worker count comes from the quota"
+
+
+def test_grace_period_covers_gunicorns_graceful_timeout():
+    deployment = by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = app_container(deployment)
+    graceful = int(env_of(container).get("GRACEFUL_TIMEOUT", GUNICORN_GRACEFUL_TIMEOUT_DEFAULT))
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    pre_stop_seconds = 0
+    if "exec" in pre_stop:
+        cmd = pre_stop["exec"]["command"]
+        assert cmd[0] == "sleep"
+        pre_stop_seconds = int(cmd[1])
+    elif "sleep" in pre_stop:
+        pre_stop_seconds = int(pre_stop["sleep"]["seconds"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_seconds + graceful
+
+
+def test_probes_hit_healthz_on_the_app_port():
+    container = app_container(by_kind("Deployment"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == 8000
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz", probe
+        assert get["port"] in ("http", 8000), probe
+
+
+def test_runs_non_root_on_a_read_only_root_filesystem():
+    deployment = by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = app_container(deployment)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == dockerfile_uid()
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]], "a writable /tmp for the run directory"
+    run_dir = env_of(container).get("HEAVYAPP_RUN_DIR", "/tmp/heavyapp")
+    assert run_dir.startswith("/tmp/"), "run dir (control socket, crash journal) on the emptyDir"
+
+
+def test_service_and_hpa_point_at_the_deployment():
+    deployment = by_kind("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = by_kind("Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in app_container(deployment)["ports"]}
+    assert all(p["targetPort"] in port_names | {8000} for p in service["spec"]["ports"])
+    hpa = by_kind("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    metrics = [m["resource"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+    assert metrics == ["cpu"]
+    assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
+
+
+# --------------------------------------------------------------------------- Compose
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)(ms|s|m)", str(duration))
+    assert m, duration
+    return int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)]
+
+
+def test_compose_bench_has_app_locust_master_and_workers():
+    services = compose()["services"]
+    assert {"app", "locust-master", "locust-worker"} <= services.keys()
+    app = services["app"]
+    assert (REPO / app["build"]["context"].replace("..", ".") / app["build"]["dockerfile"]).exists()
+    assert seconds(app["stop_grace_period"]) >= GUNICORN_GRACEFUL_TIMEOUT_DEFAULT
+    assert all(p.startswith("127.0.0.1:") for p in app["ports"]), "loopback only by default"
+    master = services["locust-master"]["command"]
+    worker = services["locust-worker"]["command"]
+    assert "--master" in master and "http://app:8000" in master
+    assert "--worker" in worker and worker[worker.index("--master-host") + 1] == "locust-master"
+    for cmd in (master, worker):
+        locustfile = cmd[cmd.index("-f") + 1]
+        assert (REPO / locustfile).exists(), f"{locustfile} should be at the top of the repo"
+
+
+def compose_cli() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    return None
+
+
+def test_compose_file_passes_compose_config():
+    cli = compose_cli()
+    if cli is None:
+        message = "no docker-compose / docker compose (apt-get install -y docker-compose)"
+        if os.environ.get("HEAVYAPP_REQUIRE_DOCKER") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    proc = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
