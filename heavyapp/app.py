@@ -1,0 +1,65 @@
+"""The application factory: routes, JSON errors and the worker headers on every response."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from heavyapp.settings import Settings
+from heavyapp.work import BadWorkSize, count, parse_work_size
+
+log = logging.getLogger("gunicorn.error")
+
+
+def worker_id() -> str:
+    """The stable id the kit's worker class puts in the environment ("" under another server)."""
+    return os.environ.get("HEAVYAPP_WORKER_ID", "")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config["HEAVYAPP"] = settings = settings or Settings.from_env()
+
+    @app.get("/heavy")
+    def heavy() -> Response:
+        n = parse_work_size(request.args.getlist("n"), settings.default_n, settings.max_n)
+        started = time.perf_counter()
+        total = count(n)
+        return jsonify(
+            message=f"The result of the CPU intensive task is {total}",
+            result=total,
+            n=n,
+            pid=os.getpid(),
+            worker_id=worker_id(),
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok", pid=os.getpid(), worker_id=worker_id())
+
+    @app.errorhandler(BadWorkSize)
+    def bad_work_size(exc: BadWorkSize) -> tuple[Response, int]:
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        """A bug in a view: answer 500 JSON, log the traceback once, keep the worker."""
+        log.exception("unhandled exception in %s %s", request.method, request.path)
+        return jsonify(error="internal error; the traceback is in the server log"), 500
+
+    @app.after_request
+    def worker_headers(response: Response) -> Response:
+        response.headers["X-Worker-Pid"] = str(os.getpid())
+        response.headers["X-Worker-Id"] = worker_id()
+        return response
+
+    return app

@@ -1,0 +1,1 @@
+"""Load-testing tools around Locust: the before/after experiment and its report."""

@@ -1,0 +1,84 @@
+"""The Flask app through its test client: answers, headers and every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from flask.testing import FlaskClient
+
+from heavyapp import create_app
+from heavyapp.settings import Settings
+from workers.env import SettingsError
+
+
+@pytest.fixture
+def client() -> FlaskClient:
+    return create_app(Settings(default_n=1000, max_n=100_000, chaos=False)).test_client()
+
+
+def test_heavy_counts_to_n(client: FlaskClient) -> None:
+    body = client.get("/heavy?n=12345").get_json()
+    assert body["result"] == body["n"] == 12345
+    assert body["message"] == "The result of the CPU intensive task is 12345"
+    assert body["elapsed_ms"] >= 0 and isinstance(body["pid"], int)
+
+
+def test_heavy_defaults_n(client: FlaskClient) -> None:
+    assert client.get("/heavy").get_json()["result"] == 1000
+
+
+def test_healthz(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEAVYAPP_WORKER_ID", "3")
+    resp = client.get("/healthz")
+    assert resp.get_json()["status"] == "ok"
+    assert resp.headers["X-Worker-Id"] == "3" and resp.get_json()["worker_id"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("n=abc", "non-negative integer"),
+        ("n=1.5", "non-negative integer"),
+        ("n=", "non-negative integer"),
+        ("n=%201", "non-negative integer"),
+        ("n=1_000", "non-negative integer"),
+        ("n=%D9%A1", "non-negative integer"),
+        ("n=-5", "negative"),
+        ("n=100001", "above the maximum 100000"),
+        ("n=" + "9" * 21, "21 characters long"),
+        ("n=" + "9" * 5000, "5000 characters long"),
+        ("n=1&n=2", "given 2 times"),
+    ],
+)
+def test_bad_n_is_a_400_saying_why(client: FlaskClient, query: str, says: str) -> None:
+    resp = client.get(f"/heavy?{query}")
+    assert resp.status_code == 400
+    assert says in resp.get_json()["error"]
+    assert resp.headers["X-Worker-Pid"]
+
+
+def test_unknown_path_is_a_json_404(client: FlaskClient) -> None:
+    resp = client.get("/nope")
+    assert resp.status_code == 404 and "Not Found" in resp.get_json()["error"]
+    assert "X-Worker-Id" in resp.headers
+
+
+def test_wrong_method_is_a_json_405(client: FlaskClient) -> None:
+    resp = client.post("/heavy")
+    assert resp.status_code == 405 and "Method Not Allowed" in resp.get_json()["error"]
+
+
+def test_chaos_routes_do_not_exist_unless_enabled(client: FlaskClient) -> None:
+    assert client.post("/chaos/exception").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"HEAVYAPP_MAX_N": "0"}, "HEAVYAPP_MAX_N"),
+        ({"HEAVYAPP_DEFAULT_N": "x"}, "HEAVYAPP_DEFAULT_N"),
+        ({"HEAVYAPP_DEFAULT_N": "10", "HEAVYAPP_MAX_N": "5"}, "above HEAVYAPP_MAX_N"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str], says: str) -> None:
+    with pytest.raises(SettingsError, match=says):
+        Settings.from_env(env)

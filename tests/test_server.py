@@ -1,0 +1,143 @@
+"""The real server: sizing, balance, replacement of a killed worker, graceful stop, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from workers.launch import GunicornServer, ServerError
+from workers.sizing import cpu_budget
+
+pytestmark = pytest.mark.server
+Start = Callable[..., GunicornServer]
+
+
+def get(url: str, timeout: float = 30) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) for a GET, 4xx/5xx included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.load(resp), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err), dict(err.headers)
+
+
+def test_pool_is_one_worker_per_usable_cpu(start_server: Start) -> None:
+    server = start_server()
+    usable = cpu_budget().usable
+    assert len(server.worker_pids()) == usable
+    server.wait_for_log(rf"The total number of CPUs is \d+, usable {usable} ")
+    server.wait_for_log(rf"Primary pid={server.master_pid}, starting {usable} workers")
+    server.wait_for_log(r"effective config: bind=\['127\.0\.0\.1:\d+'\] workers=")
+
+
+def test_taskset_to_one_cpu_gives_one_worker(start_server: Start) -> None:
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    cmd = ["taskset", "-c", "0", gunicorn, "-c", "gunicorn_conf.py", "heavyapp:app"]
+    server = start_server(command=cmd)
+    assert len(server.worker_pids()) == 1
+    server.wait_for_log(r"usable 1 \(CPU affinity 1 of \d+\)")
+
+
+def test_web_concurrency_wins(start_server: Start) -> None:
+    server = start_server(workers=3)
+    assert len(server.wait_for_workers(3)) == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("0", "refusing to start: WEB_CONCURRENCY must be a positive integer, got 0"),
+        ("-1", "Value must be positive: -1"),  # Gunicorn validates its own default first
+        # Gunicorn itself parses WEB_CONCURRENCY with int() on import, before any config file.
+        ("three", "invalid literal for int.*'three'"),
+    ],
+)
+def test_bad_web_concurrency_refuses_to_start(bad: str, says: str) -> None:
+    server = GunicornServer(env={"WEB_CONCURRENCY": bad})
+    with pytest.raises(ServerError, match=says):
+        server.start()
+    assert server.stop() not in (0, None)
+
+
+def test_concurrent_heavy_requests_use_more_than_one_worker(server: GunicornServer) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: get(f"{server.url}/heavy?n=2000000"), range(16)))
+    assert all(status == 200 for status, _, _ in answers)
+    pids = {body["pid"] for _, body, _ in answers}
+    assert len(pids) > 1 and pids <= set(server.worker_pids())
+    assert {h["X-Worker-Pid"] for _, _, h in answers} == {str(p) for p in pids}
+
+
+def test_killed_worker_is_replaced_within_two_seconds_and_logged(server: GunicornServer) -> None:
+    before = server.worker_pids()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    after = server.wait_for_workers(len(before), timeout=2.0, exclude={victim})
+    assert time.monotonic() - started < 2.0
+    (newcomer,) = set(after) - set(before)
+    server.wait_for_log(rf"worker pid={victim} died \(signal SIGKILL\): killed")
+    server.wait_for_log(rf"Starting another worker for id \d \(replaces pid={victim}: killed\)")
+    server.wait_for_log(rf"worker pid={newcomer} started: id \d")
+    assert get(f"{server.url}/healthz")[0] == 200
+
+
+def test_sigterm_lets_the_request_in_flight_finish(server: GunicornServer) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(get, f"{server.url}/heavy?n=30000000")
+        _wait_busy(server)
+        os.kill(server.master_pid, signal.SIGTERM)
+        status, body, _ = pending.result(timeout=60)
+    assert status == 200 and body["result"] == 30_000_000
+    assert server.stop() == 0
+    server.wait_for_log(r"Shutting down: Master")
+
+
+def _wait_busy(server: GunicornServer, timeout: float = 5.0) -> None:
+    """Poll until some worker has burnt 0.2 s of CPU since now: it is serving the request."""
+    workers = [psutil.Process(pid) for pid in server.worker_pids()]
+    start = [w.cpu_times().user for w in workers]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(w.cpu_times().user - s > 0.2 for w, s in zip(workers, start, strict=True)):
+            return
+        time.sleep(0.02)
+    raise AssertionError("no worker got busy")
+
+
+BAD_INPUTS = [
+    ("/heavy?n=abc", 400),
+    ("/heavy?n=-1", 400),
+    ("/heavy?n=50000001", 400),
+    ("/heavy?n=" + "1" * 300, 400),
+    ("/heavy?n=1&n=2", 400),
+    ("/heavy?n=%00", 400),
+    ("/nope", 404),
+    ("/heavy/../../etc/passwd", 404),
+]
+
+
+def test_bad_input_costs_nothing(server: GunicornServer) -> None:
+    workers = server.worker_pids()
+    for path, code in BAD_INPUTS:
+        status, body, headers = get(server.url + path)
+        assert status == code, path
+        assert body["error"], path
+        assert headers["X-Worker-Pid"] in {str(p) for p in workers}
+    req = urllib.request.Request(f"{server.url}/heavy", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 405 and "error" in json.load(err.value)
+    assert server.worker_pids() == workers
+    assert "died" not in server.log_text()

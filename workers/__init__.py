@@ -1,0 +1,1 @@
+"""The Gunicorn side of the kit: sizing, the worker class, lifecycle hooks, crash forensics."""

@@ -1,0 +1,111 @@
+"""HeavyWorker: Gunicorn's sync worker, made to explain itself.
+
+Sync, because one request at a time per process is right for CPU-bound work: a second request in
+the same process could only wait for the GIL, while a queued connection stays in the kernel's
+accept queue for whichever worker is free next; and a request that hangs holds exactly one
+process, which the master's timeout can kill without touching anyone else's request.
+
+On top of the sync worker, each worker
+- titles itself ``heavyapp: worker <id> [pid <pid>] <n> requests`` (``ps -eo pid,args``);
+- notes the request in flight on its board, so the master can name it if the worker dies;
+- has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
+- logs the stack of a request killed by Gunicorn's timeout, before it goes;
+- recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import time
+import traceback
+from types import FrameType
+
+from gunicorn.workers.sync import SyncWorker
+from setproctitle import setproctitle
+
+from workers import lastwords
+from workers.env import positive_int
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_mb() -> float:
+    """This process's resident memory, read from /proc (a few microseconds)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE / 2**20
+
+
+class HeavyWorker(SyncWorker):
+    def init_process(self) -> None:
+        """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
+        self.max_rss_mb = positive_int(os.environ, "HEAVYAPP_MAX_RSS_MB", None)
+        self.exit_reason = "asked to stop"
+        self.retitle()
+        try:
+            super().init_process()
+        finally:
+            self.log.info(
+                "worker %s pid=%s exiting after %d requests (%s)",
+                self.heavy.id,
+                self.pid,
+                self.nr,
+                self.exit_reason,
+            )
+
+    def init_signals(self) -> None:
+        """Gunicorn's handlers first, then ``faulthandler`` on top: it dumps the traceback of a
+        fatal signal (SIGABRT included) and then chains to the handler that was there before."""
+        super().init_signals()
+        self._fault_file = lastwords.fault_file(self.pid)
+        faulthandler.enable(file=self._fault_file, all_threads=True)
+
+    def retitle(self) -> None:
+        setproctitle(f"heavyapp: worker {self.heavy.id} [pid {self.pid}] {self.nr} requests")
+
+    def handle_request(self, listener, req, client, addr) -> None:
+        self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
+        try:
+            super().handle_request(listener, req, client, addr)
+        finally:
+            self.heavy.board.request_finished(self.nr)
+            self.retitle()
+            self.after_request()
+
+    def after_request(self) -> None:
+        """Leave gracefully, after the answer is sent, when a recycle is due."""
+        if not self.alive and self.nr >= self.max_requests:
+            self.recycle(f"max_requests {self.max_requests} reached")
+        elif self.max_rss_mb and (rss := resident_mb()) > self.max_rss_mb:
+            self.recycle(f"rss {rss:.0f} MB above HEAVYAPP_MAX_RSS_MB={self.max_rss_mb}")
+
+    def recycle(self, detail: str) -> None:
+        self.alive = False
+        self.exit_reason = f"recycle: {detail}"
+        self.log.info("worker %s pid=%s recycling: %s", self.heavy.id, self.pid, detail)
+        lastwords.leave(self.pid, cause="recycle", detail=detail)
+
+    def handle_abort(self, sig: int, frame: FrameType | None) -> None:
+        """Gunicorn's timeout (SIGABRT from the master): log the stuck request's stack, then go."""
+        snapshot = self.heavy.board.read()
+        ran = time.time() - snapshot.busy_since if snapshot.busy_since else 0.0
+        stack = "".join(traceback.format_stack(frame)) if frame else "(no Python frame)"
+        where = (
+            f"{frame.f_code.co_name}() at {frame.f_code.co_filename}:{frame.f_lineno}"
+            if frame
+            else "?"
+        )
+        self.log.critical(
+            "worker %s pid=%s timed out after %.1fs serving %s, in %s; stack:\n%s",
+            self.heavy.id,
+            self.pid,
+            ran,
+            snapshot.request or "(no request)",
+            where,
+            stack,
+        )
+        self.exit_reason = "timeout"
+        lastwords.leave(
+            self.pid, cause="timeout", detail=f"in {where} after {ran:.1f}s", traceback=stack
+        )
+        super().handle_abort(sig, frame)
