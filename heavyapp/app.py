@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+import traceback
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from heavyapp import chaos
 from heavyapp.settings import Settings
 from heavyapp.work import BadWorkSize, count, parse_work_size
+from workers import crashes
 
 log = logging.getLogger("gunicorn.error")
 
@@ -23,6 +26,10 @@ def worker_id() -> str:
 def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["HEAVYAPP"] = settings = settings or Settings.from_env()
+
+    if settings.chaos:
+        log.warning("HEAVYAPP_CHAOS=1: /chaos/* endpoints are enabled; never do this in production")
+        app.register_blueprint(chaos.bp)
 
     @app.get("/heavy")
     def heavy() -> Response:
@@ -52,8 +59,20 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:
-        """A bug in a view: answer 500 JSON, log the traceback once, keep the worker."""
+        """A bug in a view: answer 500 JSON, log and journal the traceback once, keep the worker."""
         log.exception("unhandled exception in %s %s", request.method, request.path)
+        crashes.record(
+            {
+                "pid": os.getpid(),
+                "worker_id": int(worker_id()) if worker_id().isdigit() else None,
+                "cause": "exception",
+                "signal": None,
+                "exit_code": None,
+                "request": f"{request.method} {request.full_path.rstrip('?')}",
+                "detail": repr(exc),
+                "traceback": traceback.format_exc(),
+            }
+        )
         return jsonify(error="internal error; the traceback is in the server log"), 500
 
     @app.after_request

@@ -106,6 +106,10 @@ class HeavyWorker(SyncWorker):
         )
         self.exit_reason = "timeout"
         lastwords.leave(
-            self.pid, cause="timeout", detail=f"in {where} after {ran:.1f}s", traceback=stack
+            self.pid,
+            cause="timeout",
+            detail=f"in {where} after {ran:.1f}s",
+            request=snapshot.request,
+            traceback=stack,
         )
         super().handle_abort(sig, frame)

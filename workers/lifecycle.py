@@ -217,7 +217,7 @@ def _crash_entry(death: Death, words: dict, fault: str) -> dict[str, Any]:
         "cause": death.cause,
         "signal": death.signal,
         "exit_code": death.exit_code,
-        "request": death.request or None,
+        "request": death.request or words.get("request") or None,
         "uptime_s": round(death.uptime, 3),
         "requests": death.requests,
         "detail": words.get("detail"),
