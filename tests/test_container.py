@@ -263,16 +263,26 @@ def test_health_check_turns_healthy(one_cpu):
 
 @pytest.mark.container
 def test_killed_worker_is_replaced(one_cpu):
+    """SIGKILL a worker inside the container: a new pid takes its place (and its worker id)."""
     (old,) = one_cpu.worker_host_pids()
     old_ns = ns_pid(old)
+    worker_id = one_cpu.healthz()["worker_id"]
     dockerkit.docker("exec", one_cpu.name, "sh", "-c", f"kill -KILL {old_ns}")
-    new = wait_for("a replacement worker", lambda: [p for p in one_cpu.worker_host_pids()
-                                                    if p != old], timeout=30)  # fmt: skip
-    assert len(new) == 1
-    logs = wait_for("the death in the log", lambda: re.search(
-        rf"pid[=:]\s*{old_ns}\b.*SIGKILL", one_cpu.logs()) and one_cpu.logs())  # fmt: skip
-    assert "Starting another worker" in logs or len(re.findall("Booting worker", logs)) == 2
-    wait_for("/healthz after the respawn", one_cpu.healthz)
+
+    def replacement():
+        return [p for p in one_cpu.worker_host_pids() if p != old]
+
+    assert len(wait_for("a replacement worker", replacement)) == 1
+    death = re.compile(rf"pid[=:]\s*{old_ns}\b.*SIGKILL")
+    logs = wait_for("the death in the log", lambda: death.search(one_cpu.logs()) and one_cpu.logs())
+    assert "Starting another worker" in logs, logs
+    assert wait_for("/healthz after the respawn", one_cpu.healthz)["worker_id"] == worker_id
+    # the master's crash journal (HEAVYAPP_RUN_DIR/crashes.jsonl) records the death
+    journal = dockerkit.docker(
+        "exec", one_cpu.name, "sh", "-c", 'cat "$HEAVYAPP_RUN_DIR/crashes.jsonl"'
+    ).stdout
+    records = [json.loads(line) for line in journal.splitlines() if line.strip()]
+    assert any(r["pid"] == old_ns and r["signal"] == "SIGKILL" for r in records), journal
 
 
 @pytest.mark.container
