@@ -21,6 +21,8 @@ from typing import IO
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+#: A worker's process title, as ``workers.heavy.HeavyWorker`` sets it.
+WORKER_TITLE = re.compile(r"heavyapp: worker (\d+) \[pid (\d+)\]")
 SERVER_COMMAND = ["-c", "gunicorn_conf.py", "heavyapp:app"]
 
 
@@ -149,6 +151,30 @@ class GunicornServer:
             except psutil.NoSuchProcess:
                 continue
         return sorted(pids)
+
+    def worker_ids(self) -> dict[int, int]:
+        """Worker pid -> worker id, read from the process titles (``/proc/<pid>/cmdline``)."""
+        ids = {}
+        for pid in self.worker_pids():
+            try:
+                title = " ".join(psutil.Process(pid).cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if match := WORKER_TITLE.match(title):
+                ids[pid] = int(match.group(1))
+        return ids
+
+    def wait_for_ids(self, ids: set[int], timeout: float = 10.0) -> dict[int, int]:
+        """Poll until the live workers carry exactly ``ids``, one each; pid -> id."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.worker_ids()
+            live = self.worker_pids()
+            if sorted(found.values()) == sorted(ids) and len(live) == len(ids):
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"wanted ids {sorted(ids)}, have {found} (workers {live})")
+            time.sleep(0.02)
 
     def healthy(self) -> bool:
         try:
