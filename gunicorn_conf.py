@@ -11,6 +11,7 @@ import os
 
 from workers import lifecycle
 from workers.env import SettingsError, bind_address, positive_int, run_dir
+from workers.jsonlog import log_format
 from workers.sizing import cpu_budget, worker_count
 
 env = os.environ
@@ -23,6 +24,7 @@ try:
     graceful_timeout = positive_int(env, "GRACEFUL_TIMEOUT", 30)
     max_requests = positive_int(env, "MAX_REQUESTS", 0, allow_zero=True)
     max_requests_jitter = positive_int(env, "MAX_REQUESTS_JITTER", 0, allow_zero=True)
+    log_format(env)  # HEAVYAPP_LOG_FORMAT=json: checked here, applied by workers/logs.py
 except SettingsError as exc:
     raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
 

@@ -10,7 +10,7 @@ import traceback
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from heavyapp import chaos
+from heavyapp import chaos, metrics
 from heavyapp.settings import Settings
 from heavyapp.work import BadWorkSize, count, parse_work_size
 from workers import crashes
@@ -30,12 +30,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.chaos:
         log.warning("HEAVYAPP_CHAOS=1: /chaos/* endpoints are enabled; never do this in production")
         app.register_blueprint(chaos.bp)
+    metrics.instrument(app)
 
     @app.get("/heavy")
     def heavy() -> Response:
         n = parse_work_size(request.args.getlist("n"), settings.default_n, settings.max_n)
         started = time.perf_counter()
         total = count(n)
+        metrics.observe_work(n)
         return jsonify(
             message=f"The result of the CPU intensive task is {total}",
             result=total,

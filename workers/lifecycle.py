@@ -18,7 +18,7 @@ from typing import Any
 import gunicorn.arbiter
 from setproctitle import setproctitle
 
-from workers import crashes, lastwords, logs
+from workers import crashes, lastwords, logs, metrics
 from workers.env import run_dir
 from workers.roster import Backoff, Death, Member, Roster
 from workers.sizing import cpu_budget
@@ -97,6 +97,7 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     if not isinstance(gunicorn.arbiter.os, _ExitStatuses):
         gunicorn.arbiter.os = _ExitStatuses(gunicorn.arbiter.os)
     (run_dir() / "workers").mkdir(parents=True, exist_ok=True)
+    metrics.master_starting(server.num_workers)
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
@@ -117,6 +118,7 @@ def on_reload(server: gunicorn.arbiter.Arbiter) -> None:
 def pre_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
     member = ROSTER.admit(_members(server))
     worker.heavy = member
+    metrics.worker_starting(len(server.WORKERS) + 1)
     # Set in the master just before the fork, so the child has its id from its first line of log.
     os.environ["HEAVYAPP_WORKER_ID"] = str(member.id)
     if member.replaces:
@@ -178,6 +180,7 @@ def child_exit(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
     words, fault = lastwords.collect(worker.pid)
     death = ROSTER.release(worker.heavy, worker.pid, status, worker.aborted, words.get("cause"))
     _log_death(server, death, words, fault)
+    metrics.worker_left(worker.pid, death.cause, death.planned, len(server.WORKERS))
     if not death.planned:
         crashes.record(_crash_entry(death, words, fault))
     _save_state(server)
@@ -238,6 +241,7 @@ def nworkers_changed(server: gunicorn.arbiter.Arbiter, new: int, old: int | None
         going = [w for w in server.WORKERS.values() if getattr(w, "heavy", None) in leaving]
         for rank, w in enumerate(going):
             w.age = oldest - 1 - rank
+    metrics.target_changed(new)
     _retitle_master(server)
 
 

@@ -7,6 +7,8 @@ import os
 
 from gunicorn import glogging
 
+from workers import jsonlog
+
 #: Set in the master by ``on_starting``; a fork inherits it, so a worker can tell it is not it.
 MASTER_PID = 0
 
@@ -35,7 +37,10 @@ class HeavyLogger(glogging.Logger):
 
     def setup(self, cfg) -> None:
         super().setup(cfg)
+        json_lines = jsonlog.log_format() == "json"
         for handler in self.error_log.handlers + self.access_log.handlers:
             handler.addFilter(_TAG)
-            if handler.formatter and self.access_fmt == handler.formatter._fmt:
+            if json_lines:
+                handler.setFormatter(jsonlog.JsonFormatter())
+            elif handler.formatter and self.access_fmt == handler.formatter._fmt:
                 handler.formatter.datefmt = self.datefmt

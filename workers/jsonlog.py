@@ -1,0 +1,67 @@
+"""``HEAVYAPP_LOG_FORMAT=json``: one JSON object per log line, for log shippers that parse.
+
+Each object has ``time``, ``level``, ``logger``, ``pid``, ``role`` (master | worker),
+``worker_id`` and ``message``; access lines add the request's fields, error lines with an
+exception its ``traceback`` (inside the object: a line stays a line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from workers.env import SettingsError
+
+FORMATS = ("text", "json")
+
+
+def log_format(env: Mapping[str, str] = os.environ) -> str:
+    """``HEAVYAPP_LOG_FORMAT``: ``text`` (the default) or ``json``."""
+    value = (env.get("HEAVYAPP_LOG_FORMAT") or "text").strip().lower()
+    if value not in FORMATS:
+        raise SettingsError(
+            f"HEAVYAPP_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {value!r}"
+        )
+    return value
+
+
+def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
+    """The request, from the atoms Gunicorn formats its access line with."""
+    status = str(atoms["s"])
+    return {
+        "remote": atoms["h"],
+        "method": atoms["m"],
+        "path": atoms["U"],
+        "query": atoms["q"],
+        "protocol": atoms["H"],
+        "status": int(status) if status.isdigit() else status,
+        "bytes": atoms["B"],
+        "duration_ms": round(atoms["D"] / 1000, 3),
+        "user_agent": atoms["a"],
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        tag = getattr(record, "worker", "")
+        role, _, wid = tag.partition(" ")
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created)
+            .astimezone()
+            .isoformat("T", "milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "role": role or None,
+            "worker_id": int(wid) if wid.isdigit() else None,
+            "message": record.getMessage(),
+        }
+        if record.name == "gunicorn.access" and isinstance(record.args, Mapping):
+            entry.update(access_fields(record.args))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
