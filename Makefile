@@ -24,5 +24,11 @@ lint: venv
 test: venv lint
 	$(BIN)/pytest
 
+bench: venv
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/peers.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

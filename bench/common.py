@@ -1,0 +1,116 @@
+"""What the benchmark scripts share: the servers' CPU counters, a warm-up, and markdown tables.
+
+Every figure the scripts print is measured in the same run as the figures it is compared with:
+the machine is shared and noisy, so only side-by-side numbers and ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from loadtest.closedloop import ClosedLoop, Report
+from workers.launch import GunicornServer
+from workers.sizing import cpu_budget
+
+
+def cores() -> int:
+    """The CPUs this process may use, as the kit sizes its pool (affinity and cgroup quota)."""
+    return cpu_budget().usable
+
+
+def server_cpu(server: GunicornServer) -> float:
+    """CPU seconds (user + system) used so far by every process under the server's master.
+
+    The master itself is left out: it serves no request. Read from /proc through psutil.
+    """
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in psutil.Process(server.master_pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle, all processes together."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One load run against one server, with the CPU the server, the client and the rest used."""
+
+    report: Report
+    server_cpu_s: float
+    machine_busy_s: float
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU seconds per request, from the worker processes' own counters."""
+        return self.server_cpu_s / max(1, self.report.sent)
+
+    @property
+    def others_share(self) -> float:
+        """Share of the machine taken by processes that are neither this server nor the client:
+        other people's work on a shared machine, which the figures of this run had to live with.
+        """
+        r = self.report
+        others = self.machine_busy_s - self.server_cpu_s - r.client_cpu_s
+        return max(0.0, others) / (r.elapsed * r.cores) if r.elapsed else 0.0
+
+
+def measure(server: GunicornServer, loop: ClosedLoop) -> Measurement:
+    """Run ``loop`` against ``server`` and read the CPU counters around it."""
+    server_before, busy_before = server_cpu(server), machine_busy()
+    report = loop.run()
+    return Measurement(report, server_cpu(server) - server_before, machine_busy() - busy_before)
+
+
+def warm_up(server: GunicornServer, path: str, clients: int, seconds: float = 1.0) -> None:
+    """Load every worker once (imports, caches, first page faults) before anything is counted."""
+    ClosedLoop(server.url, path, clients=clients, duration=seconds).run()
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table (it goes into the README as printed)."""
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(" --- " for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """One line that says where and when the figures were measured."""
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.processor() or platform.machine()}, "
+        f"{cores()} usable cores of {os.cpu_count()}, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at start, Python "
+        f"{platform.python_version()}"
+    )
+
+
+def client_note(runs: Sequence[Measurement]) -> str:
+    """Say how much of the machine the load generator and everybody else took during the runs."""
+    client = median([m.report.client_cpu_share() for m in runs])
+    others = median([m.others_share for m in runs])
+    return (
+        f"The load generator ran on the same machine and used a median {client:.0%} of its "
+        f"{cores()} cores, other processes (a shared machine) {others:.0%}: the servers had "
+        "that much less CPU than the machine has."
+    )

@@ -1,0 +1,149 @@
+"""The kit's Gunicorn against the servers a user might pick instead, same app, same process count.
+
+Every server serves ``heavyapp:app`` with ``cores`` worker processes, each as its own defaults
+have it (Granian and uWSGI log no access lines by default, the kit logs one per request). Also
+measured: Gunicorn's optional C HTTP parser (``gunicorn[fast]`` installs ``gunicorn_h1c``;
+``--http-parser fast`` requires it, the default ``auto`` uses it when installed) and
+``--reuse-port``. All servers run at once, idle but for the one under load; each round loads them
+in turn (order reversed every other round) and the table gives the medians over the rounds.
+
+    .venv/bin/python bench/peers.py [--rounds 3 --duration 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from common import Measurement, client_note, cores, machine, measure, median, table, warm_up
+
+from loadtest.closedloop import ClosedLoop
+from workers.launch import GunicornServer, ServerError, free_port
+
+BIN = Path(sys.executable).parent
+#: Path -> closed-loop clients: 4 on /heavy as in the original experiment; more on /healthz,
+#: where the client's own per-request cost is what limits a single client.
+PATHS = {"/heavy": 4, "/healthz": 8}
+
+
+def kit(*args: str) -> Callable[[int], GunicornServer]:
+    return lambda workers: GunicornServer(workers=workers, args=list(args))
+
+
+def external(build: Callable[[int, int], list[str]]) -> Callable[[int], GunicornServer]:
+    """A peer server: its command line for (port, workers), run by the kit's launcher."""
+
+    def make(workers: int) -> GunicornServer:
+        port = free_port()
+        return GunicornServer(port=port, command=build(port, workers))
+
+    return make
+
+
+def granian(port: int, workers: int) -> list[str]:
+    return [
+        str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "heavyapp:app",
+    ]  # fmt: skip
+
+
+def uwsgi(port: int, workers: int) -> list[str]:
+    return [
+        str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes",
+        str(workers), "--module", "heavyapp:app", "--need-app", "--die-on-term",
+        "--disable-logging",
+    ]  # fmt: skip
+
+
+def candidates() -> tuple[dict[str, Callable[[int], GunicornServer]], list[str]]:
+    """The servers this machine can run, and a line for each one it cannot."""
+    servers: dict[str, Callable[[int], GunicornServer]] = {
+        "gunicorn + kit (python parser)": kit("--http-parser", "python"),
+    }
+    missing = []
+    if importlib.util.find_spec("gunicorn_h1c"):
+        servers["gunicorn + kit (fast parser, gunicorn_h1c)"] = kit("--http-parser", "fast")
+    else:
+        missing.append("gunicorn_h1c not installed: pip install 'gunicorn[fast]'")
+    servers["gunicorn + kit (python parser, reuse_port)"] = kit(
+        "--http-parser", "python", "--reuse-port"
+    )
+    for name, build in (("granian", granian), ("uwsgi", uwsgi)):
+        if shutil.which(name, path=str(BIN)):
+            servers[name] = external(build)
+        else:
+            missing.append(f"{name} not installed: pip install -e '.[bench]'")
+    return servers, missing
+
+
+def start_all(
+    stack: contextlib.ExitStack, makers: dict[str, Callable[[int], GunicornServer]], n: int
+) -> tuple[dict[str, GunicornServer], list[str]]:
+    started, failed = {}, []
+    for name, make in makers.items():
+        try:
+            started[name] = stack.enter_context(make(n))
+        except ServerError as exc:
+            failed.append(f"{name} did not start: {str(exc).splitlines()[0]}")
+    return started, failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    args = parser.parse_args()
+    n = cores()
+    print(f"## Peers, {n} worker processes each, {machine()}\n")
+    makers, notes = candidates()
+    with contextlib.ExitStack() as stack:
+        servers, failed = start_all(stack, makers, n)
+        notes += failed
+        for server in servers.values():
+            warm_up(server, "/heavy", clients=2 * n)
+        runs: dict[tuple[str, str], list[Measurement]] = {
+            (name, path): [] for name in servers for path in PATHS
+        }
+        for rnd in range(args.rounds):
+            order = list(servers.items())[:: 1 if rnd % 2 == 0 else -1]
+            for path, clients in PATHS.items():
+                for name, server in order:
+                    loop = ClosedLoop(server.url, path, clients=clients, duration=args.duration)
+                    runs[name, path].append(measure(server, loop))
+    rows = []
+    for name in servers:
+        row: list[object] = [name]
+        for path in PATHS:
+            ms = runs[name, path]
+            row += [
+                f"{median([m.report.rps for m in ms]):,.0f}",
+                f"{median([m.report.percentile(99) for m in ms]) * 1000:.0f}",
+                f"{median([m.cpu_per_request for m in ms]) * 1e6:,.0f}",
+                sum(len(m.report.failures) for m in ms),
+            ]
+        rows.append(row)
+    headers = ["server"]
+    for path, clients in PATHS.items():
+        headers += [
+            f"{path} rps ({clients} clients)",
+            f"{path} p99 ms",
+            f"{path} CPU µs/req",
+            f"{path} failed",
+        ]
+    print(table(headers, rows))
+    every = [m for ms in runs.values() for m in ms]
+    print(
+        f"\n{args.rounds} rounds of {args.duration:.0f}s per server and path, medians. "
+        f"CPU µs/req: every process under the server's master, from /proc. {client_note(every)}"
+    )
+    for note in notes:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()

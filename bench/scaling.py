@@ -1,0 +1,79 @@
+"""Scaling on /heavy: requests/s for 1, 2, ..., cores+1 workers, against the physical ceiling.
+
+Each pool size gets a saturating closed-loop load (two clients per worker, so a worker never
+waits for work). Efficiency = rps(W) / (min(W, cores) x rps(1)): 100 % means each added worker,
+up to one per core, adds a whole single worker's throughput. The ceiling is cores / (CPU seconds
+one request costs the server), the CPU cost read from the worker processes' /proc counters in the
+same run: no pool of processes can serve faster than the machine has CPU for.
+
+    .venv/bin/python bench/scaling.py [--duration 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import Measurement, client_note, cores, machine, measure, table, warm_up
+
+from loadtest.closedloop import ClosedLoop
+from workers.launch import GunicornServer
+
+
+def run_pool(workers: int, duration: float) -> Measurement:
+    """A pool of ``workers`` under saturating load."""
+    clients = 2 * workers
+    with GunicornServer(workers=workers) as server:
+        warm_up(server, "/heavy", clients)
+        return measure(server, ClosedLoop(server.url, "/heavy", clients=clients, duration=duration))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per pool size")
+    args = parser.parse_args()
+    n_cores = cores()
+    print(f"## Scaling on /heavy (default n), {machine()}\n")
+    results = {w: run_pool(w, args.duration) for w in range(1, n_cores + 2)}
+    base_rps = results[1].report.rps
+    cpu_per_request = results[1].cpu_per_request
+    ceiling = n_cores / cpu_per_request
+    rows = []
+    for w, run in results.items():
+        report, cpu = run.report, run.cpu_per_request
+        net_ceiling = (n_cores - report.client_cpu_s / report.elapsed) / cpu
+        rows.append(
+            [
+                w,
+                report.clients,
+                f"{report.rps:.1f}",
+                f"{report.rps / (min(w, n_cores) * base_rps):.0%}",
+                f"{cpu * 1000:.1f}",
+                f"{report.rps / ceiling:.0%}",
+                f"{report.rps / net_ceiling:.0%}",
+                f"{report.percentile(50) * 1000:.0f} / {report.percentile(99) * 1000:.0f}",
+                len(report.failures),
+                f"{run.others_share:.0%}",
+            ]
+        )
+    headers = [
+        "workers",
+        "clients",
+        "rps",
+        "efficiency",
+        "server CPU ms/req",
+        "of ceiling",
+        "of ceiling net of client",
+        "p50 / p99 ms",
+        "failed",
+        "others' CPU",
+    ]
+    print(table(headers, rows))
+    print(
+        f"\nCeiling: {n_cores} cores / {cpu_per_request * 1000:.1f} ms of CPU per request "
+        f"(1-worker run) = {ceiling:.1f} rps. 'Net of client' subtracts the CPU the load "
+        f"generator used in that row from the cores. {client_note(list(results.values()))}"
+    )
+
+
+if __name__ == "__main__":
+    main()
