@@ -31,6 +31,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dockerkit
 
+# The first test to need the image pays for the base image (debootstrap, about 1-2 min on a cold
+# machine) and the build; everything inside has its own shorter bounds.
+pytestmark = pytest.mark.timeout(900)
+
 REPO = dockerkit.REPO
 REQUIRE_DOCKER = os.environ.get("HEAVYAPP_REQUIRE_DOCKER") == "1"
 CMD = ["gunicorn", "-c", "gunicorn_conf.py", "heavyapp:app"]
