@@ -1,0 +1,240 @@
+"""The kit's worker against a real server: each crash kind, ids, titles, memory cap, backoff."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+
+from workers.launch import GunicornServer
+
+pytestmark = pytest.mark.server
+Start = Callable[..., GunicornServer]
+CHAOS = {"HEAVYAPP_CHAOS": "1"}
+
+
+def call(url: str, method: str = "GET", timeout: float = 30) -> int:
+    """The status of one request; 0 when the connection broke (the worker died under it)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout):
+            return 200
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class Traffic:
+    statuses: list[int] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def background_traffic(server: GunicornServer, max_seconds: float = 60) -> Iterator[Traffic]:
+    """A client sending /healthz back to back (bounded in time and count) while a test runs."""
+    traffic = Traffic()
+
+    def loop() -> None:
+        deadline = time.monotonic() + max_seconds
+        while (
+            not traffic.stop.is_set()
+            and time.monotonic() < deadline
+            and len(traffic.statuses) < 5000
+        ):
+            traffic.statuses.append(call(f"{server.url}/healthz", timeout=10))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield traffic
+    finally:
+        traffic.stop.set()
+        thread.join(15)
+
+
+def journal(server: GunicornServer) -> list[dict]:
+    path = server.run_dir / "crashes.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def crash_and_recover(
+    server: GunicornServer, kind: str, expect_status: int
+) -> tuple[int, int, int]:
+    """Crash one worker through /chaos/<kind> under other traffic; (victim pid, id, newcomer)."""
+    before = server.wait_for_ids({0, 1})
+    with background_traffic(server) as traffic:
+        assert call(f"{server.url}/chaos/{kind}", "POST") == expect_status
+        victim = server.wait_for_log(r"worker pid=\d+ died")[0]
+        pid = int(re.search(r"worker pid=(\d+) died", victim).group(1))
+        after = server.wait_for_ids({0, 1})
+    assert pid in before and pid not in after
+    (newcomer,) = set(after) - set(before)
+    assert after[newcomer] == before[pid], "the replacement takes the id of the worker it replaces"
+    assert traffic.statuses and set(traffic.statuses) == {200}, "the other worker kept serving"
+    return pid, before[pid], newcomer
+
+
+def test_exit_is_logged_journaled_and_replaced_with_the_same_id(start_server: Start) -> None:
+    server = start_server(workers=2, env=CHAOS)
+    pid, wid, newcomer = crash_and_recover(server, "exit", 0)
+    server.wait_for_log(rf"worker pid={pid} died \(exit code 13\): exit; worker id {wid}")
+    server.wait_for_log(rf"worker pid={newcomer} started: id {wid}, .* replaces pid={pid} \(exit\)")
+    (entry,) = journal(server)
+    assert entry["cause"] == "exit" and entry["exit_code"] == 13 and entry["pid"] == pid
+    assert entry["worker_id"] == wid and entry["request"] == "POST /chaos/exit"
+
+
+def test_segfault_leaves_the_python_traceback(start_server: Start) -> None:
+    server = start_server(workers=2, env=CHAOS)
+    pid, wid, _ = crash_and_recover(server, "segfault", 0)
+    server.wait_for_log(rf"worker pid={pid} died \(signal SIGSEGV\): fatal-signal; worker id {wid}")
+    server.wait_for_log(r'File ".*heavyapp/chaos\.py", line \d+ in segfault')
+    (entry,) = journal(server)
+    assert entry["signal"] == "SIGSEGV" and "in segfault" in entry["traceback"]
+    assert entry["request"] == "POST /chaos/segfault"
+
+
+def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
+    before = server.wait_for_ids({0, 1})
+    victim, wid = next(iter(before.items()))
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_ids({0, 1})
+    server.wait_for_log(
+        rf"worker pid={victim} died \(signal SIGKILL\): killed; worker id {wid}.*OOM"
+    )
+    assert [e["cause"] for e in journal(server)] == ["killed"]
+
+
+def test_exception_answers_500_json_and_the_worker_lives(start_server: Start) -> None:
+    server = start_server(workers=2, env=CHAOS)
+    before = server.wait_for_ids({0, 1})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{server.url}/chaos/exception", method="POST")
+        )
+    assert err.value.code == 500 and "error" in json.load(err.value)
+    pid = int(err.value.headers["X-Worker-Pid"])
+    lines = server.wait_for_log(rf"\[{pid}\] \[worker \d\] \[ERROR\] unhandled exception in POST")
+    assert len(lines) == 1
+    assert server.log_text().count("RuntimeError: chaos: an exception was requested") == 1
+    (entry,) = journal(server)
+    assert entry["cause"] == "exception" and entry["pid"] == pid
+    assert entry["worker_id"] == before[pid] and "RuntimeError" in entry["traceback"]
+    assert server.worker_ids() == before
+
+
+def test_hung_request_is_killed_at_the_timeout_with_its_stack(start_server: Start) -> None:
+    server = start_server(workers=2, env={**CHAOS, "TIMEOUT": "2"})
+    pid, wid, _ = crash_and_recover(server, "hang", 500)
+    server.wait_for_log(
+        rf"\[{pid}\] \[worker {wid}\] \[CRITICAL\] worker {wid} pid={pid} timed out after "
+        r"[\d.]+s serving POST /chaos/hang, in hang\(\) at .*chaos\.py:\d+; stack:"
+    )
+    server.wait_for_log(rf"worker pid={pid} died \(exit code \d+\): timeout")
+    (entry,) = journal(server)
+    assert entry["cause"] == "timeout" and entry["request"] == "POST /chaos/hang"
+    assert "time.sleep(seconds)" in entry["traceback"]
+
+
+def test_memory_cap_recycles_without_a_failed_request(start_server: Start) -> None:
+    server = start_server(workers=2, env={**CHAOS, "HEAVYAPP_MAX_RSS_MB": "150"})
+    before = server.wait_for_ids({0, 1})
+    with background_traffic(server) as traffic:
+        assert call(f"{server.url}/chaos/leak?mb=200", "POST") == 200
+        line = server.wait_for_log(r"recycling: rss \d+ MB above HEAVYAPP_MAX_RSS_MB=150")[0]
+        pid = int(re.search(r"pid=(\d+) recycling", line).group(1))
+        server.wait_for_log(rf"worker pid={pid} exited \(exit code 0\): recycle \(rss")
+        after = server.wait_for_ids({0, 1})
+    assert set(traffic.statuses) == {200}
+    assert pid not in after and sorted(after.values()) == sorted(before.values())
+    assert journal(server) == [], "a recycle is not a crash"
+
+
+def test_ids_stay_dense_across_kills_ttin_ttou_and_reload(server: GunicornServer) -> None:
+    ids = server.wait_for_ids({0, 1})
+    os.kill(server.master_pid, signal.SIGTTIN)
+    ids = server.wait_for_ids({0, 1, 2})
+    os.kill(next(pid for pid, i in ids.items() if i == 1), signal.SIGKILL)
+    ids = server.wait_for_ids({0, 1, 2})
+    os.kill(server.master_pid, signal.SIGTTOU)
+    ids = server.wait_for_ids({0, 1})
+    server.wait_for_log(r"exited \(exit code 0\): scale-down; worker id 2")
+    os.kill(server.master_pid, signal.SIGTTIN)
+    ids = server.wait_for_ids({0, 1, 2})
+    os.kill(server.master_pid, signal.SIGHUP)
+    old = set(ids)
+    deadline = time.monotonic() + 15
+    while set(server.worker_ids()) & old and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A HUP re-reads the config, so the pool returns to its configured size (2) with ids 0..1.
+    fresh = server.wait_for_ids({0, 1})
+    assert not set(fresh) & old
+    assert len(server.wait_for_log(r"exited \(exit code 0\): reload", count=3)) == 3
+
+
+def served_per_title(server: GunicornServer) -> int:
+    """The requests the workers' titles say they served, checking each title's shape."""
+    served = 0
+    for pid, wid in server.worker_ids().items():
+        with open(f"/proc/{pid}/cmdline") as f:
+            title = f.read().replace("\0", " ").strip()
+        match = re.fullmatch(rf"heavyapp: worker {wid} \[pid {pid}\] (\d+) requests", title)
+        assert match, title
+        served += int(match.group(1))
+    return served
+
+
+def test_titles_name_id_pid_and_requests(server: GunicornServer) -> None:
+    master = " ".join(psutil.Process(server.master_pid).cmdline()).strip()
+    assert master == f"heavyapp: master [2 workers] 127.0.0.1:{server.port}"
+    before = served_per_title(server)
+    for _ in range(6):
+        assert call(f"{server.url}/healthz") == 200
+    deadline = time.monotonic() + 5  # a title is updated just after the answer is sent
+    while served_per_title(server) != before + 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served_per_title(server) == before + 6
+
+
+def test_crash_loop_backs_off_while_the_others_serve(start_server: Start) -> None:
+    env = {"HEAVYAPP_BACKOFF_BASE_MS": "400", "HEAVYAPP_BACKOFF_MAX_MS": "1600"}
+    server = start_server(workers=2, env=env)
+    waits = []
+    with background_traffic(server) as traffic:
+        for _ in range(4):
+            victim = next(pid for pid, i in server.wait_for_ids({0, 1}).items() if i == 0)
+            killed_at = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            deadline = killed_at + 10
+            while time.monotonic() < deadline:  # until id 0 serves again: its title says so
+                titles = server.worker_titles()
+                serving = [
+                    t for t in titles.values() if re.match(r"heavyapp: worker 0 .*requests$", t)
+                ]
+                if victim not in titles and serving:
+                    break
+                time.sleep(0.01)
+            waits.append(time.monotonic() - killed_at)
+    logged = [
+        float(x)
+        for x in re.findall(
+            r"worker 0 pid=\d+ is crash-looping: waiting ([\d.]+)s", server.log_text()
+        )
+    ]
+    assert logged == [0.4, 0.8, 1.6]
+    assert waits[3] > waits[2] > waits[1] > 0.4 and waits[3] >= 1.6
+    # Only a request in flight on a killed worker may fail: at most one per kill.
+    assert set(traffic.statuses) <= {200, 0} and traffic.statuses.count(0) <= 4
+    assert traffic.statuses.count(200) > 20
