@@ -359,13 +359,22 @@ def build_app_image(tag: str = APP_TAG, base: str = BASE_TAG, log=print) -> floa
     cmd = ["build", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag, str(REPO)]
     log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
     with _lock("build"):
+        previous = image_id(tag)
         proc = docker(*cmd, check=False, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"docker build failed ({proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"docker build failed ({proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
+        if previous and previous != image_id(tag):
+            # our own tag's previous build, now untagged: don't let test runs pile them up
+            docker("rmi", previous, check=False)
     return time.monotonic() - t0
+
+
+def image_id(tag: str) -> str | None:
+    proc = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def image_size_mb(tag: str) -> float:
