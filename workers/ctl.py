@@ -1,0 +1,431 @@
+"""heavyctl: ``pm2 list``, ``pm2 reload`` and ``pm2 scale`` for a heavyapp server.
+
+Everything goes through Gunicorn's own control socket (``gunicorn.ctl`` in the server's run
+directory: ``show workers``, ``show stats``, ``reload``, ``worker add|remove``); what Gunicorn does
+not know comes from the kit: worker ids and request counts from the process titles, CPU and
+memory from psutil, restarts and the last crash of each id from the master's ``roster.json``,
+crashes from the journal. The server is found from the same variables the config reads
+(``HEAVYAPP_RUN_DIR``, else ``HOST``/``PORT``/``BIND``), or ``--run-dir``/``--socket``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from gunicorn.ctl.client import ControlClient, ControlClientError
+
+from workers.crashes import read_journal
+from workers.env import crash_log_path, run_dir
+
+TITLE = re.compile(
+    r"heavyapp: worker (?P<id>\d+) \[pid \d+\] "
+    r"(?:(?P<requests>\d+) requests|waiting (?P<wait>[\d.]+)s)"
+)
+POLL = 0.1  # seconds between looks at the pool while waiting for a reload or a scale
+SEND_ATTEMPTS = 20  # tries of a control-socket command (POLL apart) before giving up
+
+
+class CtlError(Exception):
+    """Something heavyctl cannot do; the message says what and what to try."""
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where one server's control socket and state live, and how we came to look there."""
+
+    run_dir: Path
+    socket: Path
+    found_by: str
+
+    @classmethod
+    def locate(cls, run_dir_opt: str | None, socket_opt: str | None) -> Server:
+        if socket_opt:
+            sock = Path(socket_opt)
+            return cls(Path(run_dir_opt) if run_dir_opt else sock.parent, sock, "--socket")
+        if run_dir_opt:
+            return cls(Path(run_dir_opt), Path(run_dir_opt) / "gunicorn.ctl", "--run-dir")
+        found_by = "HEAVYAPP_RUN_DIR" if os.environ.get("HEAVYAPP_RUN_DIR") else "HOST/PORT/BIND"
+        where = run_dir()
+        return cls(where, where / "gunicorn.ctl", found_by)
+
+    def send(self, command: str, *, retry: bool = True) -> dict[str, Any]:
+        """One command on the control socket; a socket that stays missing or dead: no server.
+
+        Gunicorn closes and removes the socket around each fork of a worker, so for a moment it
+        can be missing, refuse or reset a connection. A command that never connected is sent
+        again; one whose connection was reset only with ``retry`` (safe for ``show`` commands).
+        """
+        for attempt in range(SEND_ATTEMPTS):
+            last = attempt == SEND_ATTEMPTS - 1
+            if not self.socket.exists():
+                if last:
+                    raise CtlError(self._no_server("no control socket"))
+            else:
+                try:
+                    with ControlClient(str(self.socket), timeout=10.0) as client:
+                        return client.send_command(command)
+                except ControlClientError as exc:
+                    refused = "Failed to connect" in str(exc)
+                    if not refused and "Communication error" not in str(exc):
+                        raise CtlError(f"{command!r} failed: {exc}") from None
+                    if last and refused:
+                        raise CtlError(self._no_server("nothing answers on it")) from None
+                    if last or not (retry or refused):
+                        raise CtlError(f"{command!r} failed: {exc}") from None
+            time.sleep(POLL)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _no_server(self, why: str) -> str:
+        return (
+            f"no heavyapp server is running at {self.socket} ({why}; looked there because of "
+            f"{self.found_by}). Start one, or point heavyctl at it with --run-dir or --socket."
+        )
+
+    def roster(self) -> dict[str, Any]:
+        """The master's per-id history (written at each worker exit; none before the first)."""
+        try:
+            return json.loads((self.run_dir / "roster.json").read_text())
+        except FileNotFoundError:
+            return {"generation": 0, "slots": {}}
+
+    def crash_log(self) -> Path:
+        return crash_log_path({**os.environ, "HEAVYAPP_RUN_DIR": str(self.run_dir)})
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def parse_title(title: str) -> dict[str, Any]:
+    """Id, requests served and crash-loop wait from ``heavyapp: worker <id> [pid N] ...``."""
+    match = TITLE.search(title)
+    if not match:
+        return {"id": None, "requests": None, "waiting": False}
+    return {
+        "id": int(match["id"]),
+        "requests": int(match["requests"]) if match["requests"] else None,
+        "waiting": match["wait"] is not None,
+    }
+
+
+def _sample_processes(pids: Sequence[int], interval: float) -> dict[int, dict[str, Any]]:
+    """Title, uptime, memory and CPU % over ``interval`` seconds of each live pid."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            procs[pid] = psutil.Process(pid)
+            procs[pid].cpu_percent(None)  # starts the measuring window
+        except psutil.NoSuchProcess:
+            continue
+    time.sleep(interval)
+    facts = {}
+    for pid, proc in procs.items():
+        try:
+            with proc.oneshot():
+                facts[pid] = {
+                    "title": " ".join(proc.cmdline()),
+                    "uptime_s": round(time.time() - proc.create_time(), 1),
+                    "cpu_percent": proc.cpu_percent(None),
+                    "memory_mb": round(proc.memory_info().rss / 2**20, 1),
+                    "zombie": proc.status() == psutil.STATUS_ZOMBIE,
+                }
+        except psutil.NoSuchProcess:
+            continue
+    return facts
+
+
+def _worker_status(gunicorn: dict[str, Any], title: dict[str, Any], proc: dict | None) -> str:
+    """Gunicorn's ``booted`` is set in the child only: the worker's own title says it is up."""
+    if proc is None or proc["zombie"]:
+        return "exited"
+    if gunicorn["aborted"]:
+        return "timeout"
+    if title["waiting"]:
+        return "waiting"  # sitting out a crash-loop delay
+    return "online" if title["id"] is not None else "booting"
+
+
+def _mark_stopping(rows: list[dict[str, Any]]) -> None:
+    """During a reload an id briefly has two processes: the older one is on its way out."""
+    newest: dict[int, int] = {}
+    for row in rows:
+        if row["id"] is not None:
+            newest[row["id"]] = max(newest.get(row["id"], row["age"]), row["age"])
+    for row in rows:
+        if row["id"] is not None and row["age"] < newest[row["id"]] and row["status"] == "online":
+            row["status"] = "stopping"
+
+
+def status(server: Server, interval: float) -> dict[str, Any]:
+    stats = server.send("show stats")
+    workers = server.send("show workers")["workers"]
+    listeners = server.send("show listeners")["listeners"]
+    roster = server.roster()
+    facts = _sample_processes([stats["pid"], *(w["pid"] for w in workers)], interval)
+    rows = []
+    for w in workers:
+        proc = facts.get(w["pid"])
+        title = parse_title(proc["title"] if proc else "")
+        slot = roster["slots"].get(str(title["id"]), {})
+        rows.append(
+            {
+                "id": title["id"],
+                "pid": w["pid"],
+                "age": w["age"],
+                "status": _worker_status(w, title, proc),
+                "uptime_s": proc["uptime_s"] if proc else None,
+                "restarts": slot.get("restarts", 0),
+                "crashes": slot.get("crashes", 0),
+                "cpu_percent": proc["cpu_percent"] if proc else None,
+                "memory_mb": proc["memory_mb"] if proc else None,
+                "requests": title["requests"],
+                "last_crash": slot.get("last_crash"),
+                "last_crash_time": slot.get("last_crash_time"),
+            }
+        )
+    _mark_stopping(rows)
+    rows.sort(key=lambda r: (r["id"] is None, r["id"], r["age"]))
+    master = facts.get(stats["pid"], {})
+    return {
+        "master": {
+            "pid": stats["pid"],
+            "uptime_s": stats["uptime"],
+            "bind": [lnr["address"] for lnr in listeners],
+            "workers": stats["workers_current"],
+            "target": stats["workers_target"],
+            "reloads": stats["reloads"],
+            "generation": roster.get("generation", 0),
+            "memory_mb": master.get("memory_mb"),
+            "run_dir": str(server.run_dir),
+        },
+        "workers": rows,
+    }
+
+
+def human_duration(seconds: float | None) -> str:
+    """pm2-style: ``42s``, ``3m05s``, ``2h03m``, ``4d02h``."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _last_crash(row: dict[str, Any], now: float) -> str:
+    if not row["last_crash"]:
+        return "-"
+    return f"{row['last_crash']} {human_duration(now - row['last_crash_time'])} ago"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def render_status(data: dict[str, Any]) -> str:
+    m = data["master"]
+    now = time.time()
+    head = (
+        f"master pid {m['pid']}, up {human_duration(m['uptime_s'])}, "
+        f"bind {', '.join(m['bind'])}, {m['workers']}/{m['target']} workers, "
+        f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}"
+    )
+    header = ["id", "pid", "status", "uptime", "restarts", "cpu", "mem", "requests", "last crash"]
+    rows = [
+        [
+            "?" if r["id"] is None else str(r["id"]),
+            str(r["pid"]),
+            r["status"],
+            human_duration(r["uptime_s"]),
+            str(r["restarts"]),
+            "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.1f}%",
+            "-" if r["memory_mb"] is None else f"{r['memory_mb']:.1f} MB",
+            "-" if r["requests"] is None else str(r["requests"]),
+            _last_crash(r, now),
+        ]
+        for r in data["workers"]
+    ]
+    return f"{head}\n{table(header, rows)}"
+
+
+# -- reload and scale ------------------------------------------------------------------------
+
+
+def _titled(pids: set[int]) -> bool:
+    """Every pid has set its heavyapp title, which a worker does once it runs its own code."""
+    for pid in pids:
+        try:
+            if parse_title(" ".join(psutil.Process(pid).cmdline()))["id"] is None:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+    return True
+
+
+def _wait_for_pool(
+    server: Server, done: Callable[[set[int], int], bool], timeout: float, what: str
+) -> list[int]:
+    """Poll the pool until ``done(pids, target)`` and every worker is up; its pids then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {w["pid"] for w in server.send("show workers")["workers"]}
+        target = server.send("show stats")["workers_target"]
+        if done(pids, target) and _titled(pids):
+            return sorted(pids)
+        if time.monotonic() > deadline:
+            raise CtlError(f"{what} not finished within {timeout:.0f}s: workers {sorted(pids)}")
+        time.sleep(POLL)
+
+
+def reload(server: Server, timeout: float) -> dict[str, Any]:
+    """Gunicorn's graceful reload (SIGHUP, as the socket's ``reload`` sends it): new workers
+    first, then the old ones finish their requests and leave."""
+    stats = server.send("show stats")
+    before = {w["pid"] for w in server.send("show workers")["workers"]}
+    started = time.monotonic()
+    os.kill(stats["pid"], signal.SIGHUP)  # not resent on a reset socket: a signal arrives once
+    new_pids = _wait_for_pool(
+        server, lambda pids, target: len(pids) == target and not pids & before, timeout, "reload"
+    )
+    return {
+        "old_pids": sorted(before),
+        "new_pids": new_pids,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def scale_target(spec: str, current: int) -> int:
+    """``N`` (absolute), ``+k`` or ``-k`` (relative) to a worker count of at least 1."""
+    if not re.fullmatch(r"[+-]?\d+", spec):
+        raise CtlError(f"scale wants N, +k or -k, got {spec!r}")
+    target = current + int(spec) if spec[0] in "+-" else int(spec)
+    if target < 1:
+        raise CtlError(f"scale {spec} would leave {target} workers; the least is 1")
+    return target
+
+
+def _set_target(server: Server, target: int) -> None:
+    """``worker add|remove`` until the master's target is ``target``.
+
+    A command whose connection was reset may or may not have run, so it is never resent
+    blindly: the target is read again and only the difference asked for.
+    """
+    for _ in range(SEND_ATTEMPTS):
+        current = server.send("show stats")["workers_target"]
+        if current == target:
+            return
+        verb = "add" if target > current else "remove"
+        try:
+            server.send(f"worker {verb} {abs(target - current)}", retry=False)
+        except CtlError:
+            time.sleep(POLL)
+    raise CtlError(f"the master did not take the new worker count {target}")
+
+
+def scale(server: Server, spec: str, timeout: float) -> dict[str, Any]:
+    previous = server.send("show stats")["workers_target"]
+    target = scale_target(spec, previous)
+    _set_target(server, target)
+    pids = _wait_for_pool(
+        server, lambda pids, now: len(pids) == now == target, timeout, f"scale to {target}"
+    )
+    return {"previous": previous, "target": target, "pids": pids}
+
+
+# -- crashes ---------------------------------------------------------------------------------
+
+
+def render_crash(c: dict[str, Any]) -> str:
+    how = f"signal {c['signal']}" if c.get("signal") else f"exit code {c.get('exit_code')}"
+    if c.get("cause") == "exception":
+        how = "answered 500"
+    parts = [
+        c.get("time", "?"),
+        f"worker {c.get('worker_id', '?')} pid {c.get('pid', '?')}",
+        f"{c.get('cause')} ({how})",
+    ]
+    if c.get("uptime_s") is not None:
+        parts.append(f"up {c['uptime_s']:.1f}s, {c.get('requests', 0)} requests")
+    if c.get("request"):
+        parts.append(f"serving {c['request']}")
+    if c.get("detail"):
+        parts.append(str(c["detail"]))
+    return "  ".join(parts)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument("--run-dir", help="the server's run directory (default: from the env)")
+    common.add_argument("--socket", help="the server's control socket (default: in the run dir)")
+    parser = argparse.ArgumentParser(
+        prog="heavyctl", description="Look at and steer a running heavyapp server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", parents=[common], help="master and workers, like pm2 list")
+    st.add_argument("--interval", type=float, default=0.5, help="CPU sampling window, seconds")
+    rl = sub.add_parser("reload", parents=[common], help="graceful reload, no failed requests")
+    rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it")
+    sc = sub.add_parser("scale", parents=[common], help="set the worker count: N, +k or -k")
+    sc.add_argument("count", help="N, +k or -k")
+    sc.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it")
+    cr = sub.add_parser("crashes", parents=[common], help="recent entries of the crash journal")
+    cr.add_argument("-n", "--last", type=int, default=20, help="how many (default 20)")
+    return parser
+
+
+def _run(args: argparse.Namespace, server: Server) -> tuple[Any, str]:
+    """(the JSON answer, the text answer) of one command."""
+    if args.command == "status":
+        data = status(server, args.interval)
+        return data, render_status(data)
+    if args.command == "reload":
+        data = reload(server, args.timeout)
+        return data, (
+            f"reloaded in {data['seconds']}s: workers {data['old_pids']} replaced by "
+            f"{data['new_pids']}"
+        )
+    if args.command == "scale":
+        data = scale(server, args.count, args.timeout)
+        return data, f"scaled from {data['previous']} to {data['target']} workers: {data['pids']}"
+    entries = read_journal(server.crash_log(), last=args.last)
+    text = "\n".join(map(render_crash, entries)) or f"no crashes in {server.crash_log()}"
+    return entries, text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # "scale -1": argparse takes -1 for a number, not a flag
+    server = Server.locate(args.run_dir, args.socket)
+    try:
+        data, text = _run(args, server)
+    except CtlError as exc:
+        print(f"heavyctl: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
