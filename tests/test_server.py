@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -114,6 +115,36 @@ def _wait_busy(server: GunicornServer, timeout: float = 5.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("no worker got busy")
+
+
+def raw(server: GunicornServer, request: bytes) -> tuple[int, dict, str]:
+    """Send bytes no HTTP library would: (status, JSON body, head) of the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode("latin1").partition("\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), head
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"GET /heavy?n=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URI Too Long"),
+        (b"NOT A REQUEST\r\n\r\n", 400, "Bad Request"),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X-Junk: y\r\n" * 60 + b"\r\n", 431, "Header"),
+        (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", 400, "HTTP Version"),
+    ],
+)
+def test_malformed_http_gets_json_too(
+    server: GunicornServer, request_bytes: bytes, status: int, says: str
+) -> None:
+    workers = server.worker_pids()
+    code, body, head = raw(server, request_bytes)
+    assert code == status and says in body["error"]
+    assert "X-Worker-Pid:" in head and "X-Worker-Id:" in head
+    assert server.worker_pids() == workers
 
 
 BAD_INPUTS = [

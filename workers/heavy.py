@@ -10,17 +10,21 @@ On top of the sync worker, each worker
 - notes the request in flight on its board, so the master can name it if the worker dies;
 - has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
-- recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``.
+- recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
+- answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
+import socket
 import time
 import traceback
 from types import FrameType
 
+from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 from setproctitle import setproctitle
 
@@ -36,9 +40,22 @@ def resident_mb() -> float:
         return int(statm.read().split()[1]) * _PAGE / 2**20
 
 
+def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
+    """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's."""
+    body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Worker-Pid: {os.getpid()}\r\n"
+        f"X-Worker-Id: {os.environ.get('HEAVYAPP_WORKER_ID', '')}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin1") + body)
+
+
 class HeavyWorker(SyncWorker):
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
+        util.write_error = write_json_error  # only Worker.handle_error calls it
         self.max_rss_mb = positive_int(os.environ, "HEAVYAPP_MAX_RSS_MB", None)
         self.exit_reason = "asked to stop"
         self.retitle()
