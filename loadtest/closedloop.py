@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import psutil
 
+#: Seconds a client waits after a request that got no answer before it sends the next.
+FAILURE_PAUSE = 0.01
 #: A path, or a function of the request's sequence number that returns one.
 PathSource = str | Callable[[int], str]
 
@@ -234,6 +236,8 @@ class ClosedLoop:
             self._outcomes.append(
                 Outcome(started, time.monotonic() - started, status, worker_id, error)
             )
+            if status == 0:
+                self._stop.wait(FAILURE_PAUSE)  # no server there: do not spin on the CPU it needs
 
     def _report(self) -> Report:
         ends = [o.ended for o in self._outcomes]
