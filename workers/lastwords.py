@@ -19,6 +19,13 @@ def folder() -> Path:
     return run_dir() / "workers"
 
 
+def prepare() -> None:
+    """At master start: an empty folder, so no earlier server's leftovers are taken for ours."""
+    folder().mkdir(parents=True, exist_ok=True)
+    for leftover in folder().iterdir():
+        leftover.unlink(missing_ok=True)
+
+
 def fault_file(pid: int) -> IO[str]:
     """Open the file ``faulthandler`` writes into; keep it open for the worker's whole life."""
     folder().mkdir(parents=True, exist_ok=True)

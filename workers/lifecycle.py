@@ -96,7 +96,7 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     logs.MASTER_PID = os.getpid()
     if not isinstance(gunicorn.arbiter.os, _ExitStatuses):
         gunicorn.arbiter.os = _ExitStatuses(gunicorn.arbiter.os)
-    (run_dir() / "workers").mkdir(parents=True, exist_ok=True)
+    lastwords.prepare()
     metrics.master_starting(server.num_workers)
     budget = cpu_budget()
     server.log.info(
