@@ -199,7 +199,7 @@ def status(server: Server, interval: float) -> dict[str, Any]:
     return {
         "master": {
             "pid": stats["pid"],
-            "uptime_s": stats["uptime"],
+            "uptime_s": master.get("uptime_s", stats["uptime"]),  # measured as the workers' are
             "bind": [lnr["address"] for lnr in listeners],
             "workers": stats["workers_current"],
             "target": stats["workers_target"],

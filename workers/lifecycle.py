@@ -119,6 +119,7 @@ def pre_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
     member = ROSTER.admit(_members(server))
     worker.heavy = member
     metrics.worker_starting(len(server.WORKERS) + 1)
+    _save_state(server)  # heavyctl's restart count includes this start
     # Set in the master just before the fork, so the child has its id from its first line of log.
     os.environ["HEAVYAPP_WORKER_ID"] = str(member.id)
     if member.replaces:
