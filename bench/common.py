@@ -69,6 +69,13 @@ class Measurement:
         return max(0.0, others) / (r.elapsed * r.cores) if r.elapsed else 0.0
 
 
+def share_of_cpu_left(m: Measurement) -> float:
+    """The server's CPU use as a share of what the client and the other processes left it."""
+    r = m.report
+    left = r.elapsed * r.cores * (1 - m.others_share) - r.client_cpu_s
+    return m.server_cpu_s / left if left > 0 else float("nan")
+
+
 def measure(server: GunicornServer, loop: ClosedLoop) -> Measurement:
     """Run ``loop`` against ``server`` and read the CPU counters around it."""
     server_before, busy_before = server_cpu(server), machine_busy()

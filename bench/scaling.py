@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import argparse
 
-from common import Measurement, client_note, cores, machine, measure, table, warm_up
+from common import (
+    Measurement,
+    client_note,
+    cores,
+    machine,
+    measure,
+    share_of_cpu_left,
+    table,
+    warm_up,
+)
 
 from loadtest.closedloop import ClosedLoop
 from workers.launch import GunicornServer
@@ -53,6 +62,7 @@ def main() -> None:
                 f"{report.percentile(50) * 1000:.0f} / {report.percentile(99) * 1000:.0f}",
                 len(report.failures),
                 f"{run.others_share:.0%}",
+                f"{share_of_cpu_left(run):.0%}",
             ]
         )
     headers = [
@@ -66,12 +76,15 @@ def main() -> None:
         "p50 / p99 ms",
         "failed",
         "others' CPU",
+        "server's use of the CPU left",
     ]
     print(table(headers, rows))
     print(
         f"\nCeiling: {n_cores} cores / {cpu_per_request * 1000:.1f} ms of CPU per request "
         f"(1-worker run) = {ceiling:.1f} rps. 'Net of client' subtracts the CPU the load "
-        f"generator used in that row from the cores. {client_note(list(results.values()))}"
+        f"generator used in that row from the cores; 'others' CPU' is what other processes on the "
+        "machine took during the row, and the last column the share of the CPU left by the "
+        f"client and the others that the server used. {client_note(list(results.values()))}"
     )
 
 
