@@ -24,6 +24,9 @@ lint: venv
 test: venv lint
 	$(BIN)/pytest
 
+experiment: venv
+	$(BIN)/python -m loadtest.experiment
+
 bench: venv
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/scaling.py
