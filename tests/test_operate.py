@@ -363,3 +363,13 @@ def test_json_formatter_keeps_a_traceback_on_one_line() -> None:
     entry = json.loads(line)
     assert (entry["message"], entry["worker_id"], entry["role"]) == ("x=1", 7, "worker")
     assert "ValueError: boom" in entry["traceback"]
+
+
+def test_during_a_reload_the_older_process_of_an_id_is_stopping() -> None:
+    rows = [
+        {"id": 0, "age": 1, "status": "online"},
+        {"id": 0, "age": 3, "status": "online"},
+        {"id": 1, "age": 4, "status": "booting"},
+    ]
+    ctl._mark_stopping(rows)
+    assert [r["status"] for r in rows] == ["stopping", "online", "booting"]
