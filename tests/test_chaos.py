@@ -168,6 +168,10 @@ def _busy(server: GunicornServer) -> int:
     return busy
 
 
+#: The worker's line (the logged stack also quotes the format string of that log call).
+TIMED_OUT = r"\] worker \d+ pid=\d+ timed out after"
+
+
 def test_hung_request_is_killed_at_the_timeout_and_nobody_else_notices(start_server: Start) -> None:
     timeout = 3
     server = start_server(workers=2, env={"HEAVYAPP_CHAOS": "1", "TIMEOUT": str(timeout)})
@@ -175,7 +179,7 @@ def test_hung_request_is_killed_at_the_timeout_and_nobody_else_notices(start_ser
         load.wait_for_requests(10)
         sent = time.monotonic()
         hang = pool.submit(_post, f"{server.url}/chaos/hang?seconds=60")
-        line = server.wait_for_log(r"timed out after", timeout=timeout + 10)[0]
+        line = server.wait_for_log(TIMED_OUT, timeout=timeout + 10)[0]
         killed_after = time.monotonic() - sent
         hang_answer = hang.result(timeout=10)
         wait_until("the pool whole again", lambda: pool_is(server, IDS), 5)
@@ -189,7 +193,7 @@ def test_hung_request_is_killed_at_the_timeout_and_nobody_else_notices(start_ser
     )
     assert timeout <= killed_after < timeout + 5
     assert "POST /chaos/hang" in line
-    timeouts = server.wait_for_log(r"timed out after")
+    timeouts = server.wait_for_log(TIMED_OUT)
     assert len(timeouts) == 1, timeouts
     assert "in hang() at" in line  # the stack names where it hung
     assert report.failures == [], [o.error for o in report.failures]
