@@ -152,17 +152,20 @@ class GunicornServer:
                 continue
         return sorted(pids)
 
-    def worker_ids(self) -> dict[int, int]:
-        """Worker pid -> worker id, read from the process titles (``/proc/<pid>/cmdline``)."""
-        ids = {}
+    def worker_titles(self) -> dict[int, str]:
+        """Worker pid -> its process title, as ``ps -eo pid,args`` shows it."""
+        titles = {}
         for pid in self.worker_pids():
             try:
-                title = " ".join(psutil.Process(pid).cmdline())
+                titles[pid] = " ".join(psutil.Process(pid).cmdline()).strip()
             except psutil.NoSuchProcess:
                 continue
-            if match := WORKER_TITLE.match(title):
-                ids[pid] = int(match.group(1))
-        return ids
+        return titles
+
+    def worker_ids(self) -> dict[int, int]:
+        """Worker pid -> worker id, read from the process titles."""
+        found = {pid: WORKER_TITLE.match(title) for pid, title in self.worker_titles().items()}
+        return {pid: int(match.group(1)) for pid, match in found.items() if match}
 
     def wait_for_ids(self, ids: set[int], timeout: float = 10.0) -> dict[int, int]:
         """Poll until the live workers carry exactly ``ids``, one each; pid -> id."""
