@@ -97,21 +97,21 @@ def markdown(results: list[RunResult], load: Load, budget: CpuBudget, chart: str
 {when} on {platform.node()}, Python {platform.python_version()}.
 Usable CPUs: **{budget.usable}** ({budget.source}; `os.cpu_count()` says {budget.total}).
 
-Load, the same for both runs (Locust `FastHttpUser`, closed loop, no wait between requests):
-{load.users} users started at {load.spawn_rate:g}/s, {load.duration_s} s per run,
-`GET /heavy?n={load.heavy_n}`, client timeout {load.timeout_s:g} s (an answer later than that is
-a failure, as in the original article's load tester).
+Load, the same for both runs (Locust `FastHttpUser`, closed loop, no wait between requests): \
+{load.users} users started at {load.spawn_rate:g}/s, {load.duration_s} s per run, \
+`GET /heavy?n={load.heavy_n}`, client timeout {load.timeout_s:g} s (a later answer is a failure, \
+as with the original article's load tester).
 
 {markdown_table(results)}
 
 {verdict(single, pool)}
 
-"ok req/s" counts only correct answers in time. Latency percentiles are Locust's (rounded) and
-include the failed requests, which end at the timeout. "server CPU" is the CPU time the Gunicorn
-workers used per second of load; meanwhile the machine's {budget.total} CPUs were
-{single.machine_busy:.0%} busy during the first run and {pool.machine_busy:.0%} during the
-second (the load generator and any neighbours included): on a busy machine the pool cannot get
-the cores it was sized for.
+- "ok req/s" counts only correct answers in time; latency percentiles are Locust's (rounded) and
+  include the failed requests, which end at the timeout.
+- "server CPU" is the CPU time the Gunicorn workers used per second of load. Meanwhile all the
+  machine's CPUs were {single.machine_busy:.0%} busy during the first run and \
+{pool.machine_busy:.0%} during the second (the load generator and any neighbours included): on a
+  busy machine the pool cannot get the cores it was sized for.
 
 Requests per Gunicorn worker (from the `X-Worker-Id` / `X-Worker-Pid` headers):
 
@@ -161,12 +161,15 @@ def chart(results: list[RunResult], load: Load, path: Path) -> None:
         label = f"{r.label} ({r.workers} worker{'s' if r.workers > 1 else ''})"
         bars = lat.bar(xs, values, width, label=label, color=colors[i])
         lat.bar_label(bars, fmt="%.0f", fontsize=8)
-    lat.axhline(load.timeout_s * 1000, color="grey", linestyle="--", linewidth=1)
-    lat.text(len(names) - 0.5, load.timeout_s * 1000, "timeout", ha="right", va="bottom")
+    lat.axhline(
+        load.timeout_s * 1000, color="grey", linestyle="--", linewidth=1, label="client timeout"
+    )
+    top = max(load.timeout_s * 1000, *(r.p99_ms for r in results), *(r.mean_ms for r in results))
+    lat.set_ylim(0, top * 1.3)
     lat.set_xticks(range(len(names)), names)
     lat.set_ylabel("response time (ms)")
     lat.set_title("Latency (lower is better)")
-    lat.legend(loc="upper left")
+    lat.legend(loc="upper center", ncols=3, fontsize=8)
 
     labels = [f"{r.label}\n({r.workers} worker{'s' if r.workers > 1 else ''})" for r in results]
     ok = [r.ok_rps for r in results]
@@ -188,10 +191,11 @@ def chart(results: list[RunResult], load: Load, path: Path) -> None:
             times, answered, color=colors[i], marker=".", label=f"{r.label}: answered in time"
         )
         hist.plot(times, failed, color=colors[i], linestyle=":", label=f"{r.label}: failed")
+    hist.set_ylim(0, hist.get_ylim()[1] * 1.35)
     hist.set_xlabel("seconds into the run")
     hist.set_ylabel("requests completed per second")
     hist.set_title("Over time")
-    hist.legend(loc="best", fontsize=8)
+    hist.legend(loc="upper center", ncols=2, fontsize=8)
 
     xs, heights, bar_colors, ticks = [], [], [], []
     x = 0
