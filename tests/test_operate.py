@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers import ctl, jsonlog
+from workers import ctl, jsonlog, titles
 from workers.env import SettingsError, run_dir
 from workers.launch import GunicornServer
 
@@ -308,17 +308,17 @@ def test_json_logs_parse_and_name_the_worker(start_server: Start) -> None:
 
 
 def test_parse_title() -> None:
-    assert ctl.parse_title("heavyapp: worker 3 [pid 42] 17 requests") == {
+    assert titles.parse("heavyapp: worker 3 [pid 42] 17 requests") == {
         "id": 3,
         "requests": 17,
         "waiting": False,
     }
-    assert ctl.parse_title("heavyapp: worker 0 [pid 42] waiting 2.0s (crash loop)") == {
+    assert titles.parse("heavyapp: worker 0 [pid 42] waiting 2.0s (crash loop)") == {
         "id": 0,
         "requests": None,
         "waiting": True,
     }
-    assert ctl.parse_title("gunicorn: worker [heavyapp]")["id"] is None
+    assert titles.parse("gunicorn: worker [heavyapp]")["id"] is None
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,10 @@ from typing import Any
 import psutil
 from gunicorn.ctl.client import ControlClient, ControlClientError
 
+from workers import titles
 from workers.crashes import read_journal
 from workers.env import crash_log_path, run_dir
 
-TITLE = re.compile(
-    r"heavyapp: worker (?P<id>\d+) \[pid \d+\] "
-    r"(?:(?P<requests>\d+) requests|waiting (?P<wait>[\d.]+)s)"
-)
 POLL = 0.1  # seconds between looks at the pool while waiting for a reload or a scale
 SEND_ATTEMPTS = 20  # tries of a control-socket command (POLL apart) before giving up
 
@@ -106,18 +103,6 @@ class Server:
 # -- status ----------------------------------------------------------------------------------
 
 
-def parse_title(title: str) -> dict[str, Any]:
-    """Id, requests served and crash-loop wait from ``heavyapp: worker <id> [pid N] ...``."""
-    match = TITLE.search(title)
-    if not match:
-        return {"id": None, "requests": None, "waiting": False}
-    return {
-        "id": int(match["id"]),
-        "requests": int(match["requests"]) if match["requests"] else None,
-        "waiting": match["wait"] is not None,
-    }
-
-
 def _sample_processes(pids: Sequence[int], interval: float) -> dict[int, dict[str, Any]]:
     """Title, uptime, memory and CPU % over ``interval`` seconds of each live pid."""
     procs: dict[int, psutil.Process] = {}
@@ -175,7 +160,7 @@ def status(server: Server, interval: float) -> dict[str, Any]:
     rows = []
     for w in workers:
         proc = facts.get(w["pid"])
-        title = parse_title(proc["title"] if proc else "")
+        title = titles.parse(proc["title"] if proc else "")
         slot = roster["slots"].get(str(title["id"]), {})
         rows.append(
             {
@@ -274,7 +259,7 @@ def _titled(pids: set[int]) -> bool:
     """Every pid has set its heavyapp title, which a worker does once it runs its own code."""
     for pid in pids:
         try:
-            if parse_title(" ".join(psutil.Process(pid).cmdline()))["id"] is None:
+            if titles.parse(" ".join(psutil.Process(pid).cmdline()))["id"] is None:
                 return False
         except psutil.NoSuchProcess:
             return False

@@ -26,9 +26,8 @@ from types import FrameType
 
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
-from setproctitle import setproctitle
 
-from workers import lastwords
+from workers import lastwords, titles
 from workers.env import positive_int
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -78,7 +77,7 @@ class HeavyWorker(SyncWorker):
         faulthandler.enable(file=self._fault_file, all_threads=True)
 
     def retitle(self) -> None:
-        setproctitle(f"heavyapp: worker {self.heavy.id} [pid {self.pid}] {self.nr} requests")
+        titles.serving(self.heavy.id, self.pid, self.nr)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)

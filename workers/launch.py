@@ -20,9 +20,9 @@ from typing import IO
 
 import psutil
 
+from workers import titles
+
 REPO = Path(__file__).resolve().parent.parent
-#: A worker's process title, as ``workers.heavy.HeavyWorker`` sets it.
-WORKER_TITLE = re.compile(r"heavyapp: worker (\d+) \[pid (\d+)\]")
 SERVER_COMMAND = ["-c", "gunicorn_conf.py", "heavyapp:app"]
 
 
@@ -164,8 +164,8 @@ class GunicornServer:
 
     def worker_ids(self) -> dict[int, int]:
         """Worker pid -> worker id, read from the process titles."""
-        found = {pid: WORKER_TITLE.match(title) for pid, title in self.worker_titles().items()}
-        return {pid: int(match.group(1)) for pid, match in found.items() if match}
+        found = {pid: titles.parse(title)["id"] for pid, title in self.worker_titles().items()}
+        return {pid: wid for pid, wid in found.items() if wid is not None}
 
     def wait_for_ids(self, ids: set[int], timeout: float = 10.0) -> dict[int, int]:
         """Poll until the live workers carry exactly ``ids``, one each; pid -> id."""

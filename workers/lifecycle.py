@@ -16,9 +16,8 @@ import time
 from typing import Any
 
 import gunicorn.arbiter
-from setproctitle import setproctitle
 
-from workers import crashes, lastwords, logs, metrics
+from workers import crashes, lastwords, logs, metrics, titles
 from workers.env import run_dir
 from workers.roster import Backoff, Death, Member, Roster
 from workers.sizing import cpu_budget
@@ -80,7 +79,7 @@ def _members(server: gunicorn.arbiter.Arbiter) -> dict[int, Member]:
 
 def _retitle_master(server: gunicorn.arbiter.Arbiter) -> None:
     bind = ",".join(server.cfg.bind)
-    setproctitle(f"heavyapp: master [{server.num_workers} workers] {bind}")
+    titles.master(server.num_workers, bind)
 
 
 def _save_state(server: gunicorn.arbiter.Arbiter) -> None:
@@ -159,10 +158,7 @@ def _sit_out(worker: Any, member: Member) -> None:
     """Wait without accepting: the other workers keep serving and the master is never blocked."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)  # a shutdown during the wait ends it at once
-    setproctitle(
-        f"heavyapp: worker {member.id} [pid {worker.pid}] "
-        f"waiting {member.restart_delay:.1f}s (crash loop)"
-    )
+    titles.waiting(member.id, worker.pid, member.restart_delay)
     worker.log.warning(
         "worker %d pid=%d is crash-looping: waiting %.1fs before serving",
         member.id,
