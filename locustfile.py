@@ -21,7 +21,7 @@ from typing import Any
 from flask import Response, jsonify, request
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtest.answers import heavy_answer_problem
 from loadtest.balance import WorkerTally, csv_path, format_table, write_csv
@@ -110,16 +110,27 @@ def receive_tally(data: dict[str, Any], **_: Any) -> None:
     tally.merge(data.get(REPORT_KEY, []))
 
 
-@events.test_stop.add_listener
-def report_tally(environment: Environment, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner):
-        return  # the master reports the merged counts
+def report_tally(environment: Environment) -> None:
+    """Print the balance; with ``--csv``, write it beside Locust's own files."""
     rows = tally.rows()
     console.info("Requests per Gunicorn worker (from X-Worker-Id / X-Worker-Pid):")
     console.info(format_table(rows))
     prefix = _option(environment, "csv_prefix", None)
     if prefix:
         write_csv(csv_path(prefix), rows)
+
+
+@events.test_stop.add_listener
+def report_when_stopped(environment: Environment, **_: Any) -> None:
+    if not isinstance(environment.runner, WorkerRunner | MasterRunner):
+        report_tally(environment)
+
+
+@events.init.add_listener
+def report_when_master_quits(environment: Environment, **_: Any) -> None:
+    """A master gets its workers' last counts after test_stop, so it reports when it quits."""
+    if isinstance(environment.runner, MasterRunner):
+        environment.events.quit.add_listener(lambda **_: report_tally(environment))
 
 
 @events.init.add_listener

@@ -6,7 +6,6 @@ pytest process: importing Locust monkey-patches the standard library with gevent
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import socket
@@ -39,11 +38,6 @@ def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
             return result
         time.sleep(0.2)
     raise AssertionError(f"{what}: not within {timeout}s")
-
-
-def aggregated(stats_csv: Path) -> dict[str, str]:
-    with stats_csv.open(newline="") as f:
-        return next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -115,23 +109,29 @@ def test_report_rates_and_table() -> None:
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("mode", [[], ["--processes", "2"]], ids=["local", "distributed"])
 def test_headless_run_checks_answers_and_every_worker_serves(
-    server: GunicornServer, tmp_path: Path
+    server: GunicornServer, tmp_path: Path, mode: list[str]
 ) -> None:
-    prefix = tmp_path / "run"
+    prefix, final = tmp_path / "run", tmp_path / "final"  # Locust appends .json
     done = subprocess.run(
-        [LOCUST, "-f", LOCUSTFILE, "--headless", "--only-summary", "--host", server.url,
-         "-u", "4", "-r", "4", "-t", "3s", "--heavy-n", "100000", "--csv", str(prefix)],
+        [LOCUST, "-f", LOCUSTFILE, "--headless", "--host", server.url, *mode,
+         "-u", "4", "-r", "4", "-t", "3s", "--heavy-n", "100000",
+         "--csv", str(prefix), "--json-file", str(final)],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output  # Locust exits 1 on any failed request
-    stats = aggregated(Path(f"{prefix}_stats.csv"))
-    assert int(stats["Request Count"]) > 0 and int(stats["Failure Count"]) == 0, stats
     assert "Requests per Gunicorn worker" in output
+    entries = json.loads(
+        final.with_suffix(".json").read_text()
+    )  # Locust's final statistics, written at exit
+    requests_made = sum(e["num_requests"] for e in entries)
+    assert requests_made > 0 and sum(e["num_failures"] for e in entries) == 0, entries
     rows = read_csv(csv_path(str(prefix)))
     assert {int(r.pid) for r in rows} == set(server.worker_pids()), rows
     assert all(r.answered and r.requests > 0 for r in rows), rows
+    assert sum(r.requests for r in rows) == requests_made  # no report lost, none counted twice
 
 
 def run_experiment(*args: str) -> subprocess.CompletedProcess[str]:
