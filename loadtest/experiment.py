@@ -201,7 +201,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=positive(float),
         help=f"client timeout in seconds (default {DEFAULTS.timeout_s})",
     )
-    p.add_argument("--out", type=Path, default=Path("out/experiment"), help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/experiment"),
+        help="output folder (default out/experiment)",
+    )
     p.add_argument(
         "--port", type=positive(int), help="serve on this 127.0.0.1 port (default: a free one)"
     )

@@ -211,7 +211,9 @@ def web_ui(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.server
 def test_web_ui_swarm_produces_statistics_and_balance(server: GunicornServer, web_ui: str) -> None:
-    assert "Workers" in requests.get(web_ui, timeout=5).text  # the extra tab
+    page = requests.get(web_ui, timeout=5).text
+    assert '"title": "Workers"' in page  # the extra tab
+    assert '"heavy_n": {' in page and '"heavy_timeout": {' in page  # the form's extra fields
     started = requests.post(
         f"{web_ui}/swarm",
         data={"user_count": 2, "spawn_rate": 2, "host": server.url, "heavy_n": 100000},
