@@ -142,7 +142,7 @@ def test_hung_request_is_killed_at_the_timeout_with_its_stack(start_server: Star
         rf"\[{pid}\] \[worker {wid}\] \[CRITICAL\] worker {wid} pid={pid} timed out after "
         r"[\d.]+s serving POST /chaos/hang, in hang\(\) at .*chaos\.py:\d+; stack:"
     )
-    server.wait_for_log(rf"worker pid={pid} died \(exit code \d+\): timeout")
+    server.wait_for_log(rf"worker pid={pid} died \(exit code 1\): timeout")
     (entry,) = journal(server)
     assert entry["cause"] == "timeout" and entry["request"] == "POST /chaos/hang"
     assert "time.sleep(seconds)" in entry["traceback"]

@@ -20,6 +20,7 @@ import faulthandler
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 from types import FrameType
@@ -68,6 +69,10 @@ class HeavyWorker(SyncWorker):
                 self.nr,
                 self.exit_reason,
             )
+        if self.exit_reason == "timeout":
+            # Gunicorn's handle_abort exits 1, but the request's error handler catches that
+            # SystemExit to answer the client; keep the exit code an operator expects.
+            sys.exit(1)
 
     def init_signals(self) -> None:
         """Gunicorn's handlers first, then ``faulthandler`` on top: it dumps the traceback of a
