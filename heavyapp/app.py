@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from heavyapp import chaos, metrics
 from heavyapp.settings import Settings
-from heavyapp.work import BadWorkSize, count, parse_work_size
+from heavyapp.work import BadParameter, count, parse_count
 from workers import crashes
 
 log = logging.getLogger("gunicorn.error")
@@ -34,7 +34,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/heavy")
     def heavy() -> Response:
-        n = parse_work_size(request.args.getlist("n"), settings.default_n, settings.max_n)
+        n = parse_count(
+            request.args.getlist("n"),
+            name="n",
+            default=settings.default_n,
+            maximum=settings.max_n,
+            bound_by="HEAVYAPP_MAX_N",
+        )
         started = time.perf_counter()
         total = count(n)
         metrics.observe_work(n)
@@ -51,8 +57,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     def healthz() -> Response:
         return jsonify(status="ok", pid=os.getpid(), worker_id=worker_id())
 
-    @app.errorhandler(BadWorkSize)
-    def bad_work_size(exc: BadWorkSize) -> tuple[Response, int]:
+    @app.errorhandler(BadParameter)
+    def bad_parameter(exc: BadParameter) -> tuple[Response, int]:
         return jsonify(error=str(exc)), 400
 
     @app.errorhandler(HTTPException)

@@ -12,7 +12,7 @@ import time
 
 from flask import Blueprint, Response, jsonify, request
 
-from heavyapp.work import parse_work_size
+from heavyapp.work import parse_count
 
 bp = Blueprint("chaos", __name__, url_prefix="/chaos")
 
@@ -44,7 +44,9 @@ def exception() -> Response:
 @bp.post("/hang")
 def hang() -> Response:
     """Sleep past Gunicorn's timeout (at most ``seconds``, default 3600) so the master kills it."""
-    seconds = parse_work_size(request.args.getlist("seconds"), 3600, 3600)
+    seconds = parse_count(
+        request.args.getlist("seconds"), name="seconds", default=3600, maximum=3600
+    )
     time.sleep(seconds)
     return jsonify(slept=seconds)
 
@@ -52,6 +54,6 @@ def hang() -> Response:
 @bp.post("/leak")
 def leak() -> Response:
     """Keep ``mb`` MB (default 64) referenced forever, as a leak would."""
-    mb = parse_work_size(request.args.getlist("mb"), 64, 4096)
+    mb = parse_count(request.args.getlist("mb"), name="mb", default=64, maximum=4096)
     _leaked.append(bytearray(os.urandom(1)) * (mb * 2**20))
     return jsonify(leaked_mb=mb, total_mb=sum(len(b) for b in _leaked) // 2**20)

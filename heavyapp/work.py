@@ -13,8 +13,8 @@ MAX_DIGITS = 20
 _DIGITS = re.compile(r"-?[0-9]+")
 
 
-class BadWorkSize(ValueError):
-    """The client asked for a work size we refuse; the message says why, for the client."""
+class BadParameter(ValueError):
+    """The client sent a query parameter we refuse; the message says why, for the client."""
 
 
 def count(n: int) -> int:
@@ -25,24 +25,29 @@ def count(n: int) -> int:
     return total
 
 
-def parse_work_size(values: list[str], default: int, maximum: int) -> int:
-    """Turn the ``n`` query values into a work size, or raise ``BadWorkSize`` saying what is wrong.
+def parse_count(
+    values: list[str], *, name: str, default: int, maximum: int, bound_by: str | None = None
+) -> int:
+    """Turn the query values of ``name`` into a count, or raise ``BadParameter`` saying why.
 
     Only plain ASCII digits are accepted: ``int()`` would also take ``" 12"``, ``"1_000"`` and
-    ``"١٢"``, which no client means to send.
+    ``"١٢"``, which no client means to send. ``bound_by`` names the setting behind ``maximum``.
     """
     if not values:
         return default
     if len(values) > 1:
-        raise BadWorkSize(f"n is given {len(values)} times; give it once")
+        raise BadParameter(f"{name} is given {len(values)} times; give it once")
     raw = values[0]
     if len(raw) > MAX_DIGITS:
-        raise BadWorkSize(f"n is {len(raw)} characters long; at most {MAX_DIGITS} are accepted")
+        raise BadParameter(
+            f"{name} is {len(raw)} characters long; at most {MAX_DIGITS} are accepted"
+        )
     if not _DIGITS.fullmatch(raw):
-        raise BadWorkSize(f"n must be a non-negative integer, got {raw!r}")
-    n = int(raw)
-    if n < 0:
-        raise BadWorkSize(f"n must not be negative, got {n}")
-    if n > maximum:
-        raise BadWorkSize(f"n={n} is above the maximum {maximum} (HEAVYAPP_MAX_N)")
-    return n
+        raise BadParameter(f"{name} must be a non-negative integer, got {raw!r}")
+    value = int(raw)
+    if value < 0:
+        raise BadParameter(f"{name} must not be negative, got {value}")
+    if value > maximum:
+        source = f" ({bound_by})" if bound_by else ""
+        raise BadParameter(f"{name}={value} is above the maximum {maximum}{source}")
+    return value

@@ -82,3 +82,14 @@ def test_chaos_routes_do_not_exist_unless_enabled(client: FlaskClient) -> None:
 def test_bad_settings_are_refused(env: dict[str, str], says: str) -> None:
     with pytest.raises(SettingsError, match=says):
         Settings.from_env(env)
+
+
+def test_chaos_parameters_are_checked_and_named() -> None:
+    chaotic = create_app(Settings(default_n=1000, max_n=100_000, chaos=True)).test_client()
+    resp = chaotic.post("/chaos/leak?mb=5000")
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "mb=5000 is above the maximum 4096"
+    assert (
+        "seconds must be a non-negative integer"
+        in chaotic.post("/chaos/hang?seconds=x").get_json()["error"]
+    )
