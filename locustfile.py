@@ -1,7 +1,9 @@
 """Locust load for heavyapp: closed-loop users hammering ``GET /heavy?n=N``.
 
-``locust`` in this directory opens the web UI on http://localhost:8089, aimed at the kit's default
-bind http://127.0.0.1:8000 (``make run``). Headless::
+``locust --web-host 127.0.0.1`` in this directory opens the web UI on http://127.0.0.1:8089, aimed
+at the kit's default bind http://127.0.0.1:8000 (``make run``). The web UI binds loopback even
+without ``--web-host`` (this file changes Locust's default of all interfaces; ``--web-host``,
+``LOCUST_WEB_HOST`` or a config file still override it). Headless::
 
     locust --headless -u 20 -r 20 -t 30s --heavy-n 1000000 --heavy-timeout 1 --csv out/run
 
@@ -27,6 +29,7 @@ from loadtest.answers import heavy_answer_problem
 from loadtest.balance import WorkerTally, csv_path, format_table, write_csv
 
 DEFAULT_HOST = "http://127.0.0.1:8000"
+DEFAULT_WEB_HOST = "127.0.0.1"
 DEFAULT_N = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
 REPORT_KEY = "heavyapp_workers"  # our part of the reports Locust workers send their master
@@ -37,6 +40,8 @@ tally = WorkerTally()
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Loopback like the rest of the kit: Locust's own default binds the web UI on all interfaces.
+    parser.set_defaults(web_host=DEFAULT_WEB_HOST)
     # On the parser itself (not a group): Locust shows only those in its web UI form.
     parser.add_argument(
         "--heavy-n",
