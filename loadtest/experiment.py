@@ -157,10 +157,9 @@ def measure(
 
 # -- the command -------------------------------------------------------------------------------
 
-#: Chosen on this 2-core machine, where /heavy?n=1_000_000 takes ~35 ms: one worker serves ~27/s,
-#: so 32 closed-loop users queue ~1.2 s behind each other (> the 1 s timeout: the abandoned
-#: requests still cost the worker their 35 ms, and it never catches up), while two workers serve
-#: ~50/s and answer in ~0.65 s. The short mode (10 users) only checks the machinery.
+#: Chosen on 2 cores so that one worker falls behind the 1 s timeout and one per core does not;
+#: the arithmetic is in the README, "The experiment in one command" (one statement, one place).
+#: The short mode (10 users) only checks the machinery.
 DEFAULTS = Load(users=32, spawn_rate=8, duration_s=30, heavy_n=1_000_000, timeout_s=1.0)
 SHORT = replace(DEFAULTS, users=10, spawn_rate=10, duration_s=4)
 
