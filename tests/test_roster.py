@@ -106,3 +106,28 @@ def test_journal_and_hooks(tmp_path: Path) -> None:
     assert [json.loads(line)["pid"] for line in lines] == [7, 8]
     assert [c["cause"] for c in seen] == ["killed", "exit"] and "time" in seen[0]
     assert [c["pid"] for c in crashes.read_journal(journal, last=1)] == [8]
+
+
+def test_an_id_added_back_after_a_scale_down_replaces_nobody() -> None:
+    roster = Roster(Backoff())
+    live = {}
+    for pid in (1, 2, 3):
+        live[pid] = roster.admit(live)
+    (leaving,) = roster.retire(live.values(), keep=2)
+    assert leaving is live[3]
+    gone = live.pop(3)
+    assert roster.release(gone, 3, exited(0), aborted=False, reason=None).cause == "scale-down"
+    again = roster.admit(live)
+    assert (again.id, again.replaces, again.replaced_because) == (2, None, None)
+    assert roster.slots[2].restarts == 0
+
+
+def test_a_crash_during_a_reload_overlap_is_a_crash_not_a_reload() -> None:
+    roster = Roster(Backoff(base=1, cap=8, reset_after=100))
+    old = {10: roster.admit({})}
+    roster.generation += 1
+    new = roster.admit(old)
+    assert (new.replaces, new.replaced_because) == (10, "reload")
+    roster.release(new, 20, killed(signal.SIGKILL), aborted=False, reason=None)
+    again = roster.admit(old)  # the old generation's id 0 is still draining
+    assert (again.replaces, again.replaced_because) == (20, "killed")

@@ -91,7 +91,7 @@ class HeavyWorker(SyncWorker):
         finally:
             self.heavy.board.request_finished(self.nr)
             self.retitle()
-            self.after_request()
+        self.after_request()  # not after a timeout's SystemExit: that exit is not a recycle
 
     def after_request(self) -> None:
         """Leave gracefully, after the answer is sent, when a recycle is due."""

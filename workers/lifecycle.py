@@ -152,6 +152,7 @@ def post_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
     )
     if member.restart_delay:
         _sit_out(worker, member)
+    titles.serving(member.id, worker.pid, 0)  # the kit's title, whatever the worker class
 
 
 def _sit_out(worker: Any, member: Member) -> None:

@@ -69,7 +69,7 @@ class Member:
 class Slot:
     """The history of one worker id across the processes that held it."""
 
-    pid: int | None = None  # its latest process that died
+    pid: int | None = None  # its latest process that died awaiting a replacement
     restarts: int = 0
     crashes: int = 0
     streak: int = 0
@@ -129,19 +129,22 @@ class Roster:
     def admit(self, live: Mapping[int, Member]) -> Member:
         """A worker is about to fork: give it the lowest id free in the current generation.
 
-        ``live`` maps the pids of the running workers to their members. The id's previous holder
-        is either still running (an older generation during a reload: a brief overlap) or dead
-        (a replacement), and a replacement after a crash waits out the id's backoff delay.
+        ``live`` maps the pids of the running workers to their members. A worker replaces the
+        id's last process if that one died and awaits a replacement (after a crash it first
+        waits out the id's backoff delay), or else the id's holder in an older generation that
+        is still draining after a reload (a brief overlap).
         """
         taken = {m.id for m in live.values() if m.generation == self.generation and not m.retiring}
         wid = next(i for i in range(len(taken) + 1) if i not in taken)
         slot = self.slots.setdefault(wid, Slot())
-        older = [pid for pid, m in live.items() if m.id == wid]
-        if older:
+        older = [p for p, m in live.items() if m.id == wid and m.generation < self.generation]
+        if slot.exit_cause is not None:
+            replaces, because = slot.pid, slot.exit_cause
+        elif older:
             replaces, because = older[0], "reload"
         else:
-            replaces, because = slot.pid, slot.exit_cause
-        crashed = not older and because is not None and because not in PLANNED
+            replaces, because = None, None
+        crashed = because is not None and because not in PLANNED
         if replaces:
             slot.restarts += 1
         slot.exit_cause = None
@@ -190,7 +193,8 @@ class Roster:
             snapshot.request,
         )
         slot = self.slots.setdefault(member.id, Slot())
-        slot.pid, slot.exit_cause = pid, cause
+        if member.generation == self.generation and cause != "scale-down":
+            slot.pid, slot.exit_cause = pid, cause  # its replacement comes next
         if death.planned:
             slot.streak = 0
         else:
