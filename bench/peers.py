@@ -4,16 +4,21 @@ Every server serves ``heavyapp:app`` with ``cores`` worker processes, each as it
 have it (Granian and uWSGI log no access lines by default, the kit logs one per request). Also
 measured: Gunicorn's optional C HTTP parser (``gunicorn[fast]`` installs ``gunicorn_h1c``;
 ``--http-parser fast`` requires it, the default ``auto`` uses it when installed) and
-``--reuse-port``. All servers run at once, idle but for the one under load; each round loads them
-in turn (order reversed every other round) and the table gives the medians over the rounds.
+``--reuse-port``. The kit does not depend on ``gunicorn_h1c``; to measure it, install it beside
+the venv and point ``--h1c`` at it (only that server gets it, on its ``PYTHONPATH``). All
+servers run at once, idle but for the one under load; each round loads them in turn (order
+reversed every other round) and the table gives the medians over the rounds.
 
     .venv/bin/python bench/peers.py [--rounds 3 --duration 5]
+    .venv/bin/pip install --target /tmp/h1c gunicorn_h1c   # optional: the fast parser too
+    .venv/bin/python bench/peers.py --h1c /tmp/h1c
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
 import importlib.util
 import shutil
 import sys
@@ -31,8 +36,8 @@ BIN = Path(sys.executable).parent
 PATHS = {"/heavy": 4, "/healthz": 8}
 
 
-def kit(*args: str) -> Callable[[int], GunicornServer]:
-    return lambda workers: GunicornServer(workers=workers, args=list(args))
+def kit(*args: str, env: dict[str, str] | None = None) -> Callable[[int], GunicornServer]:
+    return lambda workers: GunicornServer(workers=workers, args=list(args), env=env)
 
 
 def external(build: Callable[[int, int], list[str]]) -> Callable[[int], GunicornServer]:
@@ -60,16 +65,31 @@ def uwsgi(port: int, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
-def candidates() -> tuple[dict[str, Callable[[int], GunicornServer]], list[str]]:
+def fast_parser(h1c: Path | None) -> Callable[[int], GunicornServer] | None:
+    """The kit with Gunicorn's C parser, from the venv or from the ``--h1c`` folder; None if
+    ``gunicorn_h1c`` is in neither."""
+    if h1c is not None and importlib.machinery.PathFinder.find_spec("gunicorn_h1c", [str(h1c)]):
+        return kit("--http-parser", "fast", env={"PYTHONPATH": str(h1c)})
+    if importlib.util.find_spec("gunicorn_h1c"):
+        return kit("--http-parser", "fast")
+    return None
+
+
+def candidates(
+    h1c: Path | None,
+) -> tuple[dict[str, Callable[[int], GunicornServer]], list[str]]:
     """The servers this machine can run, and a line for each one it cannot."""
     servers: dict[str, Callable[[int], GunicornServer]] = {
         "gunicorn + kit (python parser)": kit("--http-parser", "python"),
     }
     missing = []
-    if importlib.util.find_spec("gunicorn_h1c"):
-        servers["gunicorn + kit (fast parser, gunicorn_h1c)"] = kit("--http-parser", "fast")
+    if fast := fast_parser(h1c):
+        servers["gunicorn + kit (fast parser, gunicorn_h1c)"] = fast
     else:
-        missing.append("gunicorn_h1c not installed: pip install 'gunicorn[fast]'")
+        missing.append(
+            f"gunicorn_h1c not in the venv{f' nor in {h1c}' if h1c else ''}: "
+            "pip install --target DIR gunicorn_h1c, then --h1c DIR"
+        )
     servers["gunicorn + kit (python parser, reuse_port)"] = kit(
         "--http-parser", "python", "--reuse-port"
     )
@@ -97,10 +117,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument(
+        "--h1c", type=Path, help="a folder holding gunicorn_h1c (pip install --target DIR ...)"
+    )
     args = parser.parse_args()
     n = cores()
     print(f"## Peers, {n} worker processes each, {machine()}\n")
-    makers, notes = candidates()
+    makers, notes = candidates(args.h1c)
     with contextlib.ExitStack() as stack:
         servers, failed = start_all(stack, makers, n)
         notes += failed
