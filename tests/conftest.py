@@ -21,7 +21,7 @@ def start_server() -> Iterator[Callable[..., GunicornServer]]:
 
     yield start
     for server in started:
-        server.stop()
+        server.cleanup()  # stops it, then deletes its run directory
 
 
 @pytest.fixture

@@ -66,9 +66,12 @@ def test_web_concurrency_wins(start_server: Start) -> None:
 )
 def test_bad_web_concurrency_refuses_to_start(bad: str, says: str) -> None:
     server = GunicornServer(env={"WEB_CONCURRENCY": bad})
-    with pytest.raises(ServerError, match=says):
-        server.start()
-    assert server.stop() not in (0, None)
+    try:
+        with pytest.raises(ServerError, match=says):
+            server.start()
+        assert server.stop() not in (0, None)
+    finally:
+        server.cleanup()
 
 
 def test_concurrent_heavy_requests_use_more_than_one_worker(server: GunicornServer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,6 +113,14 @@ class GunicornServer:
         if self._log:
             self._log.close()
         return self.proc.returncode
+
+    def cleanup(self) -> None:
+        """Stop the server if it still runs and delete its run directory (mkdtemp made it).
+
+        Apart from ``stop()`` because callers read the log and the crash journal after stopping.
+        """
+        self.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def kill_tree(self) -> None:
         """Last resort: SIGKILL the master and the workers it started, by pid."""
