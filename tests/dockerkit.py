@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,10 +146,25 @@ def start_engine(timeout: float = 60) -> int | None:
     )
 
 
-def stop_engine(pid: int, timeout: float = 30) -> None:
-    """Stop a dockerd we started (by its pid only)."""
-    import signal
+def is_dockerd(pid: int) -> bool:
+    """Whether ``pid`` is a dockerd now: a stale pidfile's pid may belong to anything since."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
+    except OSError:
+        return False
 
+
+def stop_engine(pid: int, timeout: float = 30) -> None:
+    """Stop a dockerd we started (by its pid only, and only if it still is a dockerd)."""
+    if is_dockerd(pid):
+        _terminate(pid, timeout)
+    pidfile = STATE_DIR / "dockerd.pid"
+    if pidfile.exists() and pidfile.read_text().strip() == str(pid):
+        pidfile.unlink()
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -399,7 +415,6 @@ def main(argv: list[str]) -> int:
         pidfile = STATE_DIR / "dockerd.pid"
         if pidfile.exists():
             stop_engine(int(pidfile.read_text()))
-            pidfile.unlink()
     else:
         print(__doc__)
         return 2
