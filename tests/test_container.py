@@ -116,7 +116,10 @@ class Container:
             "run", "-d", "--name", name, "--label", "heavyapp.test=1",
             *run_args, "-p", f"127.0.0.1:{self.port}:8000", image,
         ]  # fmt: skip
+
+    def run(self) -> Container:
         dockerkit.docker(*self.run_args)
+        return self
 
     def inspect(self, fmt: str) -> str:
         return dockerkit.docker("inspect", "--format", fmt, self.name).stdout.strip()
@@ -169,8 +172,8 @@ def containers(app_image):
 
     def run(label: str, *run_args: str) -> Container:
         c = Container(app_image, f"heavyapp-test-{os.getpid()}-{label}", *run_args)
-        started.append(c)
-        return c
+        started.append(c)  # before ``docker run``: a run that fails half-way leaves a container
+        return c.run()
 
     yield run
     for c in started:
