@@ -261,18 +261,22 @@ def test_reload_under_load_fails_no_request(server: GunicornServer) -> None:
 def test_heavyctl_finds_each_server_from_host_and_port(start_server: Start) -> None:
     """Two servers side by side, each found from the HOST/PORT its shell started it with."""
     servers = [start_server(workers=1, env={"HEAVYAPP_RUN_DIR": ""}) for _ in range(2)]
+
+    def shell(server: GunicornServer) -> dict[str, str]:
+        """The environment the server and heavyctl inherit (XDG_RUNTIME_DIR included)."""
+        return {**os.environ, "HEAVYAPP_RUN_DIR": "", "HOST": "127.0.0.1", "PORT": str(server.port)}
+
     try:
         for server in servers:
-            env = {"HEAVYAPP_RUN_DIR": "", "HOST": "127.0.0.1", "PORT": str(server.port)}
-            done = heavyctl(server, "status", "--json", "--interval", "0.1", env=env)
+            done = heavyctl(server, "status", "--json", "--interval", "0.1", env=shell(server))
             assert done.returncode == 0, done.stderr
             master = json.loads(done.stdout)["master"]
             assert master["pid"] == server.master_pid
-            assert master["run_dir"] == str(run_dir(env))
+            assert master["run_dir"] == str(run_dir(shell(server)))
     finally:
         for server in servers:
             server.stop()
-            shutil.rmtree(run_dir({"HOST": "127.0.0.1", "PORT": str(server.port)}), True)
+            shutil.rmtree(run_dir(shell(server)), True)
 
 
 def test_heavyctl_says_when_no_server_runs(tmp_path: Path) -> None:
