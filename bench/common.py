@@ -6,7 +6,6 @@ the machine is shared and noisy, so only side-by-side numbers and ratios mean an
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
@@ -17,27 +16,8 @@ from dataclasses import dataclass
 import psutil
 
 from loadtest.closedloop import ClosedLoop, Report
+from loadtest.cpu import server_cpu_s, usable_cores
 from workers.launch import GunicornServer
-from workers.sizing import cpu_budget
-
-
-def cores() -> int:
-    """The CPUs this process may use, as the kit sizes its pool (affinity and cgroup quota)."""
-    return cpu_budget().usable
-
-
-def server_cpu(server: GunicornServer) -> float:
-    """CPU seconds (user + system) used so far by every process under the server's master.
-
-    The master itself is left out: it serves no request. Read from /proc through psutil.
-    """
-    total = 0.0
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for proc in psutil.Process(server.master_pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                total += times.user + times.system
-    return total
 
 
 def machine_busy() -> float:
@@ -78,9 +58,9 @@ def share_of_cpu_left(m: Measurement) -> float:
 
 def measure(server: GunicornServer, loop: ClosedLoop) -> Measurement:
     """Run ``loop`` against ``server`` and read the CPU counters around it."""
-    server_before, busy_before = server_cpu(server), machine_busy()
+    server_before, busy_before = server_cpu_s(server), machine_busy()
     report = loop.run()
-    return Measurement(report, server_cpu(server) - server_before, machine_busy() - busy_before)
+    return Measurement(report, server_cpu_s(server) - server_before, machine_busy() - busy_before)
 
 
 def warm_up(server: GunicornServer, path: str, clients: int, seconds: float = 1.0) -> None:
@@ -106,7 +86,7 @@ def machine() -> str:
     """One line that says where and when the figures were measured."""
     return (
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.processor() or platform.machine()}, "
-        f"{cores()} usable cores of {os.cpu_count()}, load average "
+        f"{usable_cores()} usable cores of {os.cpu_count()}, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at start, Python "
         f"{platform.python_version()}"
     )
@@ -118,6 +98,6 @@ def client_note(runs: Sequence[Measurement]) -> str:
     others = median([m.others_share for m in runs])
     return (
         f"The load generator ran on the same machine and used a median {client:.0%} of its "
-        f"{cores()} cores, other processes (a shared machine) {others:.0%}: the servers had "
+        f"{usable_cores()} cores, other processes (a shared machine) {others:.0%}: the servers had "
         "that much less CPU than the machine has."
     )

@@ -25,9 +25,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common import Measurement, client_note, cores, machine, measure, median, table, warm_up
+from common import Measurement, client_note, machine, measure, median, table, warm_up
 
 from loadtest.closedloop import ClosedLoop
+from loadtest.cpu import usable_cores
 from workers.launch import GunicornServer, ServerError, free_port
 
 BIN = Path(sys.executable).parent
@@ -121,7 +122,7 @@ def main() -> None:
         "--h1c", type=Path, help="a folder holding gunicorn_h1c (pip install --target DIR ...)"
     )
     args = parser.parse_args()
-    n = cores()
+    n = usable_cores()
     print(f"## Peers, {n} worker processes each, {machine()}\n")
     makers, notes = candidates(args.h1c)
     with contextlib.ExitStack() as stack:

@@ -16,7 +16,6 @@ import argparse
 from common import (
     Measurement,
     client_note,
-    cores,
     machine,
     measure,
     median,
@@ -26,6 +25,7 @@ from common import (
 )
 
 from loadtest.closedloop import ClosedLoop
+from loadtest.cpu import usable_cores
 from workers.launch import GunicornServer
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per pool size")
     args = parser.parse_args()
-    n_cores = cores()
+    n_cores = usable_cores()
     print(f"## Scaling on /heavy (default n), {machine()}\n")
     results = {w: run_pool(w, args.duration) for w in range(1, n_cores + 2)}
     base_rps = results[1].report.rps

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from loadtest.cpu import usable_cores
+
 #: Seconds a client waits after a request that got no answer before it sends the next.
 FAILURE_PAUSE = 0.01
 #: A path, or a function of the request's sequence number that returns one.
@@ -89,7 +91,7 @@ class Report:
     elapsed: float
     client_cpu_s: float
     clients: int
-    cores: int = field(default_factory=lambda: psutil.cpu_count() or 1)
+    cores: int = field(default_factory=usable_cores)
 
     @property
     def sent(self) -> int:
@@ -118,7 +120,7 @@ class Report:
         return Counter(o.status for o in self.outcomes)
 
     def client_cpu_share(self) -> float:
-        """Fraction of the machine's cores the client itself used during the run."""
+        """Fraction of the usable cores the client itself used during the run."""
         return self.client_cpu_s / (self.elapsed * self.cores) if self.elapsed else 0.0
 
     def summary(self) -> str:

@@ -14,7 +14,6 @@ gevent: the servers are still real ``gunicorn`` processes started by ``GunicornS
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import sys
@@ -29,6 +28,7 @@ import psutil
 from locust.env import Environment
 
 from loadtest import report
+from loadtest.cpu import server_cpu_s
 from loadtest.results import Load, RunResult, Sample
 from workers.launch import REPO, GunicornServer, ServerError
 from workers.sizing import CpuBudget, cpu_budget
@@ -93,16 +93,6 @@ def drive_load(
     return env, history
 
 
-def workers_cpu_s(server: GunicornServer) -> float:
-    """CPU seconds (user + system) the server's live workers have used so far."""
-    total = 0.0
-    for pid in server.worker_pids():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def result_of(
     label: str,
     workers: int,
@@ -143,11 +133,11 @@ def measure(
         server.start()
         pool = len(server.worker_pids())
         say(f"{label}: {pool} worker(s) at {server.url}; {load.users} users for {load.duration_s}s")
-        cpu_before, started = workers_cpu_s(server), time.monotonic()
+        cpu_before, started = server_cpu_s(server), time.monotonic()
         psutil.cpu_percent()  # starts the machine-wide measurement
         env, history = drive_load(label, server.url, load, kit)
         machine_busy = psutil.cpu_percent() / 100
-        server_cpu = (workers_cpu_s(server) - cpu_before) / (time.monotonic() - started)
+        server_cpu = (server_cpu_s(server) - cpu_before) / (time.monotonic() - started)
         return result_of(
             label, pool, env, history, kit, server_cpu=server_cpu, machine_busy=machine_busy
         )
