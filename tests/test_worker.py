@@ -234,7 +234,10 @@ def test_crash_loop_backs_off_while_the_others_serve(start_server: Start) -> Non
         )
     ]
     assert logged == [0.4, 0.8, 1.6]
-    assert waits[3] > waits[2] > waits[1] > 0.4 and waits[3] >= 1.6
+    # Kills 2-4 each waited out at least the delay logged for them (upper bounds would only
+    # measure how loaded the machine is).
+    for wait, delay in zip(waits[1:], logged, strict=True):
+        assert wait >= delay, f"waits {waits} vs logged delays {logged}"
     # Only a request in flight on a killed worker may fail: at most one per kill.
     assert set(traffic.statuses) <= {200, 0} and traffic.statuses.count(0) <= 4
     assert traffic.statuses.count(200) > 20
