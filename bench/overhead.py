@@ -17,6 +17,7 @@ import contextlib
 from common import Measurement, client_note, machine, measure, median, table, warm_up
 
 from loadtest.closedloop import ClosedLoop
+from loadtest.serving import serving
 from workers.launch import GunicornServer
 
 SERVERS = {
@@ -37,7 +38,7 @@ def main() -> None:
     }
     with contextlib.ExitStack() as stack:
         servers = {
-            name: stack.enter_context(GunicornServer(workers=1, args=args_))
+            name: stack.enter_context(serving(GunicornServer(workers=1, args=args_)))
             for name, args_ in SERVERS.items()
         }
         for server in servers.values():

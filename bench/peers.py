@@ -29,6 +29,7 @@ from common import Measurement, client_note, machine, measure, median, table, wa
 
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
+from loadtest.serving import serving
 from workers.launch import GunicornServer, ServerError, free_port
 
 BIN = Path(sys.executable).parent
@@ -108,7 +109,7 @@ def start_all(
     started, failed = {}, []
     for name, make in makers.items():
         try:
-            started[name] = stack.enter_context(make(n))
+            started[name] = stack.enter_context(serving(make(n)))
         except ServerError as exc:
             failed.append(f"{name} did not start: {str(exc).splitlines()[0]}")
     return started, failed

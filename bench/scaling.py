@@ -26,13 +26,14 @@ from common import (
 
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
+from loadtest.serving import serving
 from workers.launch import GunicornServer
 
 
 def run_pool(workers: int, duration: float) -> Measurement:
     """A pool of ``workers`` under saturating load."""
     clients = 2 * workers
-    with GunicornServer(workers=workers) as server:
+    with serving(GunicornServer(workers=workers)) as server:
         warm_up(server, "/heavy", clients)
         return measure(server, ClosedLoop(server.url, "/heavy", clients=clients, duration=duration))
 

@@ -30,6 +30,7 @@ from locust.env import Environment
 from loadtest import report
 from loadtest.cpu import server_cpu_s
 from loadtest.results import Load, RunResult, Sample
+from loadtest.serving import serving
 from workers.launch import REPO, GunicornServer, ServerError
 from workers.sizing import CpuBudget, cpu_budget
 
@@ -125,12 +126,11 @@ def measure(
     label: str, workers: int | None, load: Load, out: Path, port: int | None, kit: ModuleType
 ) -> RunResult:
     """Start a server (``workers=None``: the kit's own sizing), load it, always stop it."""
-    run_dir = out / label.replace(" ", "-")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    server = GunicornServer(workers=workers, port=port, log_dir=run_dir)
+    log_dir = out / label.replace(" ", "-")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = GunicornServer(workers=workers, port=port, log_dir=log_dir)
     say(f"{label}: starting the server ({'auto-sized' if workers is None else workers} workers)")
-    try:
-        server.start()
+    with serving(server):
         pool = len(server.worker_pids())
         say(f"{label}: {pool} worker(s) at {server.url}; {load.users} users for {load.duration_s}s")
         cpu_before, started = server_cpu_s(server), time.monotonic()
@@ -141,8 +141,6 @@ def measure(
         return result_of(
             label, pool, env, history, kit, server_cpu=server_cpu, machine_busy=machine_busy
         )
-    finally:
-        server.stop()
 
 
 # -- the command -------------------------------------------------------------------------------
