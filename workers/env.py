@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,18 +38,34 @@ def bind_address(env: Mapping[str, str] = os.environ) -> str:
     return f"{env.get('HOST') or '127.0.0.1'}:{port}"
 
 
-def run_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Where one server keeps its control socket, worker state and crash journal.
+def run_dir(env: Mapping[str, str] = os.environ, bind: str | None = None) -> Path:
+    """Where one server keeps its control socket, worker state, metrics and crash journal.
 
-    One directory per bind address, so servers side by side (tests!) never share a control
-    socket; ``HEAVYAPP_RUN_DIR`` overrides it. heavyctl computes the same path from the same
-    variables, so a shell that started the server can control it.
+    ``HEAVYAPP_RUN_DIR``, else one directory per bind address (``bind``, by default the one
+    the environment gives), so servers side by side (tests!) never share one. The master
+    exports the directory it settled on (``lifecycle.on_starting``), so its workers agree with
+    it; heavyctl computes it from the same variables, so a shell that started the server can
+    control it.
     """
     if env.get("HEAVYAPP_RUN_DIR"):
         return Path(env["HEAVYAPP_RUN_DIR"])
     base = env.get("XDG_RUNTIME_DIR") or "/tmp"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", bind_address(env)).strip("-")
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", bind or bind_address(env)).strip("-")
     return Path(base) / f"heavyapp-{slug}"
+
+
+def claim_run_dir(path: Path) -> Path:
+    """Create ``path`` private to us, or refuse one that another user could have planted.
+
+    The default lives in a shared ``/tmp``: a directory or symlink put there by someone else
+    would get our control socket and have us delete files in it.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+        raise SettingsError(f"run directory {path} is a symlink or not owned by uid {os.geteuid()}")
+    path.chmod(0o700)
+    return path
 
 
 def crash_log_path(env: Mapping[str, str] = os.environ) -> Path:

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from types import FrameType
 
 from gunicorn import util
@@ -32,6 +33,11 @@ from workers import lastwords, titles
 from workers.env import positive_int
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss_mb(env: Mapping[str, str] = os.environ) -> int | None:
+    """The memory cap, ``HEAVYAPP_MAX_RSS_MB`` (checked by the config at start)."""
+    return positive_int(env, "HEAVYAPP_MAX_RSS_MB", None)
 
 
 def resident_mb() -> float:
@@ -56,7 +62,7 @@ class HeavyWorker(SyncWorker):
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         util.write_error = write_json_error  # only Worker.handle_error calls it
-        self.max_rss_mb = positive_int(os.environ, "HEAVYAPP_MAX_RSS_MB", None)
+        self.max_rss_mb = max_rss_mb()
         self.exit_reason = "asked to stop"
         self.retitle()
         try:

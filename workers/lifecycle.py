@@ -18,11 +18,11 @@ from typing import Any
 import gunicorn.arbiter
 
 from workers import crashes, lastwords, logs, metrics, titles
-from workers.env import run_dir
+from workers.env import SettingsError, claim_run_dir, run_dir
 from workers.roster import Backoff, Death, Member, Roster
 from workers.sizing import cpu_budget
 
-ROSTER = Roster(Backoff.from_env())
+ROSTER = Roster(Backoff())  # gunicorn_conf.py sets the backoff from the environment
 
 #: Settings shown in the one-line effective configuration at start.
 SHOWN_SETTINGS = (
@@ -95,8 +95,14 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     logs.MASTER_PID = os.getpid()
     if not isinstance(gunicorn.arbiter.os, _ExitStatuses):
         gunicorn.arbiter.os = _ExitStatuses(gunicorn.arbiter.os)
-    lastwords.prepare()
-    metrics.master_starting(server.num_workers)
+    fresh = "GUNICORN_PID" not in os.environ  # a USR2 re-exec shares the old master's files
+    try:
+        _settle_run_dir(server)
+        metrics.master_starting(server.num_workers, fresh=fresh)
+    except SettingsError as exc:
+        raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
+    if fresh:
+        lastwords.prepare()
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
@@ -104,6 +110,19 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     server.log.info("Primary pid=%d, starting %d workers", server.pid, server.num_workers)
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
+
+
+def _settle_run_dir(server: gunicorn.arbiter.Arbiter) -> None:
+    """The run directory of the address Gunicorn really binds (``-b`` may override the env's).
+
+    Exported so the workers agree; the control socket follows it unless set explicitly.
+    """
+    env_default = str(run_dir() / "gunicorn.ctl")
+    where = claim_run_dir(run_dir(bind=server.cfg.bind[0]))
+    os.environ["HEAVYAPP_RUN_DIR"] = str(where)
+    if server.cfg.control_socket == env_default:
+        server.cfg.set("control_socket", str(where / "gunicorn.ctl"))
+    server.log.info("run directory: %s (control socket, crash journal, metrics)", where)
 
 
 def on_reload(server: gunicorn.arbiter.Arbiter) -> None:

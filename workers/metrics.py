@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
-from workers.env import run_dir
+from workers.env import SettingsError, run_dir
 
 DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 #: Set once the directory is prepared; no metric may be created (or imported) before.
@@ -30,14 +31,22 @@ def metrics_dir(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env[DIR_VARIABLE]) if env.get(DIR_VARIABLE) else run_dir(env) / "metrics"
 
 
-def master_starting(target: int) -> Path:
+def master_starting(target: int, fresh: bool = True) -> Path:
     """From ``on_starting``: an empty directory, named in the environment the workers inherit.
 
-    Files left by a previous run would be summed into this one's counters, so they go.
+    Files left by a previous run would be summed into this one's counters, so a ``fresh``
+    master removes them (a USR2 re-exec is not fresh: the old master's workers still count).
+    ``preload_app`` imports the app, and so ``prometheus_client``, before this runs: that only
+    works when the operator named the directory beforehand.
     """
+    if "prometheus_client" in sys.modules and not os.environ.get(DIR_VARIABLE):
+        raise SettingsError(
+            "preload_app loaded prometheus_client before the metrics directory was set, so "
+            f"/metrics would see one worker only; set {DIR_VARIABLE} to an empty directory"
+        )
     path = metrics_dir()
     path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
+    for stale in path.glob("*.db") if fresh else ():
         stale.unlink()
     os.environ[DIR_VARIABLE] = str(path)
     _ready.set()

@@ -1,0 +1,89 @@
+"""The config against real masters: its run directory, refusals to start, preload."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from gunicorn.ctl.client import ControlClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from workers.launch import GunicornServer, ServerError, free_port
+
+pytestmark = pytest.mark.server
+Start = Callable[..., GunicornServer]
+
+
+def test_servers_bound_with_dash_b_get_their_own_run_directory(start_server: Start) -> None:
+    """Same environment, different ``-b``: each master settles on its real bind's directory."""
+    base = tempfile.mkdtemp(prefix="xdg-", dir="/tmp")
+    env = {"HEAVYAPP_RUN_DIR": "", "XDG_RUNTIME_DIR": base, "PORT": "8000"}
+    servers = []
+    for _ in range(2):
+        port = free_port()
+        servers.append(start_server(port=port, env=env, args=["-b", f"127.0.0.1:{port}"]))
+    for server in servers:
+        where = Path(base) / f"heavyapp-127.0.0.1-{server.port}"
+        server.wait_for_log(rf"run directory: {where} \(control socket")
+        assert oct(where.stat().st_mode & 0o777) == "0o700"
+        with ControlClient(str(where / "gunicorn.ctl"), timeout=10) as client:
+            assert client.send_command("show stats")["pid"] == server.master_pid
+    assert not (Path(base) / "heavyapp-127.0.0.1-8000").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"HEAVYAPP_MAX_RSS_MB": "lots"},
+            "refusing to start: HEAVYAPP_MAX_RSS_MB must be an integer",
+        ),
+        (
+            {"HEAVYAPP_BACKOFF_BASE_MS": "0"},
+            "refusing to start: HEAVYAPP_BACKOFF_BASE_MS must be a",
+        ),
+        ({"HEAVYAPP_LOG_FORMAT": "xml"}, "refusing to start: HEAVYAPP_LOG_FORMAT"),
+        # The app's own settings are checked when the app is created: no worker can boot.
+        ({"HEAVYAPP_MAX_N": "0"}, "HEAVYAPP_MAX_N must be a positive integer, got 0"),
+    ],
+)
+def test_bad_settings_refuse_to_start(env: dict[str, str], says: str) -> None:
+    server = GunicornServer(env=env)
+    with pytest.raises(ServerError, match=says):
+        server.start()
+    assert server.stop() not in (0, None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_a_run_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)
+    server = GunicornServer(env={"HEAVYAPP_RUN_DIR": str(planted)})
+    with pytest.raises(ServerError, match=f"run directory {planted} is a symlink or not owned"):
+        server.start()
+    assert server.stop() not in (0, None)
+
+
+def test_preload_needs_a_named_metrics_directory(start_server: Start) -> None:
+    refused = GunicornServer(args=["--preload"])
+    with pytest.raises(ServerError, match="preload_app loaded prometheus_client before"):
+        refused.start()
+    assert refused.stop() not in (0, None)
+    metrics = tempfile.mkdtemp(prefix="metrics-", dir="/tmp")
+    server = start_server(workers=2, args=["--preload"], env={"PROMETHEUS_MULTIPROC_DIR": metrics})
+    for _ in range(6):
+        urllib.request.urlopen(f"{server.url}/heavy?n=10", timeout=10).close()
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    counted = sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "heavyapp_http_requests_total" and sample.labels["endpoint"] == "/heavy"
+    )
+    assert counted == 6
