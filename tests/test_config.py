@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gunicorn.ctl.client import ControlClient
+from gunicorn.ctl.client import ControlClient, ControlClientError
 from prometheus_client.parser import text_string_to_metric_families
 
 from workers.launch import GunicornServer, ServerError, free_port
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]
+
+
+def master_pid_on(socket: Path, timeout: float = 10.0) -> int:
+    """Ask the control socket for its master's pid; Gunicorn re-binds it around each fork,
+    so it may be missing for a moment: poll."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ControlClient(str(socket), timeout=5) as client:
+                return client.send_command("show stats")["pid"]
+        except ControlClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def test_servers_bound_with_dash_b_get_their_own_run_directory(start_server: Start) -> None:
@@ -30,8 +45,7 @@ def test_servers_bound_with_dash_b_get_their_own_run_directory(start_server: Sta
         where = Path(base) / f"heavyapp-127.0.0.1-{server.port}"
         server.wait_for_log(rf"run directory: {where} \(control socket")
         assert oct(where.stat().st_mode & 0o777) == "0o700"
-        with ControlClient(str(where / "gunicorn.ctl"), timeout=10) as client:
-            assert client.send_command("show stats")["pid"] == server.master_pid
+        assert master_pid_on(where / "gunicorn.ctl") == server.master_pid
     assert not (Path(base) / "heavyapp-127.0.0.1-8000").exists()
 
 
