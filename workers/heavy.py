@@ -16,15 +16,18 @@ On top of the sync worker, each worker
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
+import select
 import socket
 import sys
 import time
 import traceback
 from collections.abc import Mapping
 from types import FrameType
+from typing import Any
 
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
@@ -33,11 +36,17 @@ from workers import lastwords, titles
 from workers.env import positive_int
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_PEEK_BYTES = 65536
 
 
 def max_rss_mb(env: Mapping[str, str] = os.environ) -> int | None:
     """The memory cap, ``HEAVYAPP_MAX_RSS_MB`` (checked by the config at start)."""
     return positive_int(env, "HEAVYAPP_MAX_RSS_MB", None)
+
+
+def head_timeout(env: Mapping[str, str] = os.environ) -> int:
+    """Seconds a client has to send its request head, ``HEAVYAPP_HEAD_TIMEOUT`` (default 5)."""
+    return positive_int(env, "HEAVYAPP_HEAD_TIMEOUT", 5)
 
 
 def resident_mb() -> float:
@@ -63,6 +72,8 @@ class HeavyWorker(SyncWorker):
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         util.write_error = write_json_error  # only Worker.handle_error calls it
         self.max_rss_mb = max_rss_mb()
+        # Below the heartbeat period: the master must never take the wait for a hang.
+        self.head_timeout = min(head_timeout(), max(1, int(self.timeout)))
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -89,6 +100,49 @@ class HeavyWorker(SyncWorker):
 
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)
+
+    def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
+        """Serve a connection only once its request head is there.
+
+        Gunicorn's parser blocks on the socket with no deadline, so a client that connects and
+        sends nothing (or half a head) would hold this worker until the master's timeout kills
+        it. Waiting here first, with a deadline, costs such a client a 408 instead.
+        """
+        if self.cfg.is_ssl or self.head_arrived(client):
+            super().handle(listener, client, addr)
+            return
+        self.log.warning(
+            "Invalid request from ip=%s: no complete request head within %ss",
+            addr[0] if isinstance(addr, tuple) else addr,
+            self.head_timeout,
+        )
+        write_json_error(
+            client, 408, "Request Timeout", f"no complete request head within {self.head_timeout}s"
+        )
+        util.close_graceful(client)
+
+    def head_arrived(self, client: socket.socket) -> bool:
+        """Peek until the head's blank line is in the kernel's buffer, or the deadline passes.
+
+        ``SO_RCVLOWAT`` makes ``select`` wake only when more bytes than already seen arrive.
+        """
+        deadline = time.monotonic() + self.head_timeout
+        seen = 0
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
+                if not select.select([client], [], [], left)[0]:
+                    return False
+                data = client.recv(_PEEK_BYTES, socket.MSG_PEEK)
+                if not data or len(data) == _PEEK_BYTES or b"\r\n\r\n" in data or b"\n\n" in data:
+                    return True  # a head, a closed connection, or more than we peek: the parser's
+                seen = len(data)
+            return False
+        except OSError:
+            return True  # a reset or the like: Gunicorn's handler knows what to do with it
+        finally:
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
