@@ -7,12 +7,11 @@ full form (a 20 s kill storm, 3 reloads, 3 scale cycles, 500 fuzz examples).
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import http_get, poll_until
 from loadtest.closedloop import ClosedLoop, Report, fetch
 from workers.crashes import read_journal
 from workers.launch import GunicornServer
@@ -45,12 +45,9 @@ def figures(scenario: str, report: Report, **more: object) -> None:
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float) -> float:
-    """Poll ``check`` until true; the seconds it took. Fails after ``timeout``."""
+    """Poll ``check`` until true (finely: the figures report it); the seconds it took."""
     started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
+    poll_until(check, timeout, what, every=0.01)
     return time.monotonic() - started
 
 
@@ -203,11 +200,8 @@ def test_hung_request_is_killed_at_the_timeout_and_nobody_else_notices(start_ser
 def _post(url: str) -> str:
     """What a client of the hung request sees: a status, or how the connection ended."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30) as r:
-            return str(r.status)
-    except urllib.error.HTTPError as err:
-        return str(err.code)
-    except OSError as exc:
+        return str(http_get(url, "POST")[0])
+    except (OSError, http.client.HTTPException) as exc:
         return type(exc).__name__
 
 

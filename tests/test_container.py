@@ -17,12 +17,10 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +28,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dockerkit
+from helpers import http_get, poll_until
+from workers.launch import free_port
 
 # The first test to need the image pays for the base image (debootstrap, about 1-2 min on a cold
 # machine) and the build; everything inside has its own shorter bounds.
@@ -55,29 +55,8 @@ def _unavailable(reason: str) -> None:
 
 
 def wait_for(what: str, probe: Callable[[], object], timeout: float = 30, every: float = 0.1):
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-            if value:
-                return value
-        except Exception as exc:  # the thing polled is not up yet
-            last_error = exc
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-        return resp.status, resp.read()
+    """Poll ``probe`` until truthy; while the container comes up any error means not yet."""
+    return poll_until(probe, timeout, what, every, ignore=(Exception,))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -145,9 +124,9 @@ class Container:
         return sorted(p["pid"] for p in self.processes() if p["ppid"] == master)
 
     def healthz(self) -> dict:
-        status, body = http_get(self.port, "/healthz")
-        assert status == 200
-        return json.loads(body)
+        status, body, _ = http_get(f"http://127.0.0.1:{self.port}/healthz", timeout=5)
+        assert status == 200, body
+        return body
 
     def wait_ready(self, workers: int, timeout: float = 30) -> None:
         """Until /healthz answers and the pool has its size (logged and in the process tree)."""
@@ -314,7 +293,8 @@ def test_docker_stop_lets_an_in_flight_request_finish(containers):
 
     def call():
         try:
-            result["status"], result["body"] = http_get(c.port, "/heavy?n=40000000", timeout=60)
+            url = f"http://127.0.0.1:{c.port}/heavy?n=40000000"
+            result["status"], result["body"], _ = http_get(url, timeout=60)
         except Exception as exc:
             result["error"] = exc
 

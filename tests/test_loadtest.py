@@ -11,14 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from helpers import poll_until
 from loadtest.answers import heavy_answer_problem
 from loadtest.balance import NO_ANSWER, WorkerTally, csv_path, format_table, read_csv, write_csv
 from loadtest.report import per_second, side_by_side
@@ -28,16 +28,6 @@ from workers.sizing import cpu_budget
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
 LOCUSTFILE = str(REPO / "locustfile.py")
-
-
-def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``check()`` until it returns something truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -197,7 +187,7 @@ def web_ui(tmp_path: Path) -> Iterator[str]:
             except requests.ConnectionError:
                 return False
 
-        poll(up, 30, "Locust's web UI answering")
+        poll_until(up, 30, "Locust's web UI answering", every=0.2)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -226,7 +216,7 @@ def test_web_ui_swarm_produces_statistics_and_balance(server: GunicornServer, we
         total = next(s for s in stats["stats"] if s["name"] == "Aggregated")
         return stats if total["num_requests"] >= 10 else None
 
-    stats = poll(answered, 30, "10 requests in Locust's statistics")
+    stats = poll_until(answered, 30, "10 requests in Locust's statistics", every=0.2)
     (workers,) = (e["data"] for e in stats["extended_stats"] if e["key"] == "workers")
     assert workers and all(w["worker_id"] != NO_ANSWER for w in workers), workers
     assert requests.get(f"{web_ui}/workers", timeout=5).json()

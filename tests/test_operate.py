@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import http_get, poll_until
 from workers import ctl, jsonlog, titles
 from workers.env import SettingsError, run_dir
 from workers.launch import GunicornServer
@@ -34,10 +34,9 @@ N = 20_000  # a /heavy request of about a millisecond
 
 def get_pid(url: str) -> int:
     """GET ``url``; the pid of the worker that answered it (any non-200 fails the test)."""
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        assert resp.status == 200
-        resp.read()
-        return int(resp.headers["X-Worker-Pid"])
+    status, body, headers = http_get(url)
+    assert status == 200, body
+    return int(headers["X-Worker-Pid"])
 
 
 def scrape(server: GunicornServer) -> tuple[int, dict[tuple[str, frozenset], float]]:
@@ -56,18 +55,6 @@ def scrape(server: GunicornServer) -> tuple[int, dict[tuple[str, frozenset], flo
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """``check()`` until it returns something truthy, within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {result!r})")
-        time.sleep(0.05)
 
 
 def heavyctl(
@@ -132,14 +119,16 @@ def test_crash_counts_as_an_exit_with_its_cause(start_server: Start) -> None:
         pids = set(server.worker_pids())
         return pids if len(pids) == 2 and pids != before else None
 
-    assert len(poll("a replacement", replaced) - before) == 1, "one worker died, one replaced it"
+    assert len(poll_until(replaced, 15, "a replacement") - before) == 1, (
+        "one worker died, one replaced it"
+    )
 
     def counted() -> dict | None:
         samples = scrape(server)[1]
         exits = value(samples, "heavyapp_worker_exits_total", cause="exit", planned="false")
         return samples if exits == 1 else None
 
-    samples = poll("the exit counted", counted)
+    samples = poll_until(counted, 15, "the exit counted")
     assert value(samples, "heavyapp_worker_starts_total") == 3
     assert value(samples, "heavyapp_workers") == 2
     assert value(samples, "heavyapp_http_requests_total", endpoint="/chaos/exit", status="200") == 0
@@ -171,7 +160,7 @@ def test_status_shows_each_worker_and_counts_restarts(server: GunicornServer) ->
         again = {r["id"]: r for r in status(server)["workers"]}
         return again if again.get(1, {}).get("status") == "online" else None
 
-    again = poll("id 1 back online", replaced)
+    again = poll_until(replaced, 15, "id 1 back online")
     assert sorted(again) == [0, 1]
     assert again[1]["pid"] not in (victim["pid"], again[0]["pid"])
     assert (again[0]["restarts"], again[1]["restarts"]) == (0, 1)
@@ -237,11 +226,11 @@ def test_reload_under_load_fails_no_request(server: GunicornServer) -> None:
     for t in threads:
         t.start()
     try:
-        poll("load running", lambda: sum(served.values()) >= 20)
+        poll_until(lambda: sum(served.values()) >= 20, 15, "load running")
         reloaded = heavyctl_json(server, "reload")
         new = set(reloaded["new_pids"])
         assert set(reloaded["old_pids"]) == old and len(new) == 2 and not new & old
-        poll("the new workers serve", lambda: sum(served[p] for p in new) >= 20)
+        poll_until(lambda: sum(served[p] for p in new) >= 20, 15, "the new workers serve")
     finally:
         stop.set()
         for t in threads:
@@ -294,8 +283,8 @@ def test_heavyctl_says_when_no_server_runs(tmp_path: Path) -> None:
 @pytest.mark.server
 def test_json_logs_parse_and_name_the_worker(start_server: Start) -> None:
     server = start_server(workers=2, env={"HEAVYAPP_LOG_FORMAT": "json"})
-    with urllib.request.urlopen(f"{server.url}/heavy?n={N}", timeout=10) as resp:
-        pid, wid = int(resp.headers["X-Worker-Pid"]), int(resp.headers["X-Worker-Id"])
+    _, _, headers = http_get(f"{server.url}/heavy?n={N}", timeout=10)
+    pid, wid = int(headers["X-Worker-Pid"]), int(headers["X-Worker-Id"])
     server.wait_for_log(r'"path": "/heavy"')
     server.stop()
     entries = [json.loads(line) for line in server.log_text().splitlines() if line.strip()]

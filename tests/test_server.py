@@ -8,8 +8,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,20 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import http_get, poll_until
 from workers.launch import GunicornServer, ServerError
 from workers.sizing import cpu_budget
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]
-
-
-def get(url: str, timeout: float = 30) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) for a GET, 4xx/5xx included."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.load(resp), dict(resp.headers)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err), dict(err.headers)
 
 
 def test_pool_is_one_worker_per_usable_cpu(start_server: Start) -> None:
@@ -76,7 +66,7 @@ def test_bad_web_concurrency_refuses_to_start(bad: str, says: str) -> None:
 
 def test_concurrent_heavy_requests_use_more_than_one_worker(server: GunicornServer) -> None:
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: get(f"{server.url}/heavy?n=2000000"), range(16)))
+        answers = list(pool.map(lambda _: http_get(f"{server.url}/heavy?n=2000000"), range(16)))
     assert all(status == 200 for status, _, _ in answers)
     pids = {body["pid"] for _, body, _ in answers}
     assert len(pids) > 1 and pids <= set(server.worker_pids())
@@ -94,12 +84,12 @@ def test_killed_worker_is_replaced_within_two_seconds_and_logged(server: Gunicor
     server.wait_for_log(rf"worker pid={victim} died \(signal SIGKILL\): killed")
     server.wait_for_log(rf"Starting another worker for id \d \(replaces pid={victim}: killed\)")
     server.wait_for_log(rf"worker pid={newcomer} started: id \d")
-    assert get(f"{server.url}/healthz")[0] == 200
+    assert http_get(f"{server.url}/healthz")[0] == 200
 
 
 def test_sigterm_lets_the_request_in_flight_finish(server: GunicornServer) -> None:
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(get, f"{server.url}/heavy?n=30000000")
+        pending = pool.submit(http_get, f"{server.url}/heavy?n=30000000")
         _wait_busy(server)
         os.kill(server.master_pid, signal.SIGTERM)
         status, body, _ = pending.result(timeout=60)
@@ -112,12 +102,12 @@ def _wait_busy(server: GunicornServer, timeout: float = 5.0) -> None:
     """Poll until some worker has burnt 0.2 s of CPU since now: it is serving the request."""
     workers = [psutil.Process(pid) for pid in server.worker_pids()]
     start = [w.cpu_times().user for w in workers]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(w.cpu_times().user - s > 0.2 for w, s in zip(workers, start, strict=True)):
-            return
-        time.sleep(0.02)
-    raise AssertionError("no worker got busy")
+    poll_until(
+        lambda: any(w.cpu_times().user - s > 0.2 for w, s in zip(workers, start, strict=True)),
+        timeout,
+        "a worker busy with the request",
+        every=0.02,
+    )
 
 
 def raw(server: GunicornServer, request: bytes) -> tuple[int, dict, str]:
@@ -165,13 +155,11 @@ BAD_INPUTS = [
 def test_bad_input_costs_nothing(server: GunicornServer) -> None:
     workers = server.worker_pids()
     for path, code in BAD_INPUTS:
-        status, body, headers = get(server.url + path)
+        status, body, headers = http_get(server.url + path)
         assert status == code, path
         assert body["error"], path
         assert headers["X-Worker-Pid"] in {str(p) for p in workers}
-    req = urllib.request.Request(f"{server.url}/heavy", method="DELETE")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
-    assert err.value.code == 405 and "error" in json.load(err.value)
+    status, body, _ = http_get(f"{server.url}/heavy", "DELETE", timeout=10)
+    assert status == 405 and body["error"]
     assert server.worker_pids() == workers
     assert "died" not in server.log_text()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import http.client
 import os
 import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +15,8 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 
+from helpers import http_get, poll_until
+from workers.crashes import read_journal
 from workers.launch import GunicornServer
 
 pytestmark = pytest.mark.server
@@ -27,11 +27,8 @@ CHAOS = {"HEAVYAPP_CHAOS": "1"}
 def call(url: str, method: str = "GET", timeout: float = 30) -> int:
     """The status of one request; 0 when the connection broke (the worker died under it)."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout):
-            return 200
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
+        return http_get(url, method, timeout)[0]
+    except (OSError, http.client.HTTPException):
         return 0
 
 
@@ -65,8 +62,7 @@ def background_traffic(server: GunicornServer, max_seconds: float = 60) -> Itera
 
 
 def journal(server: GunicornServer) -> list[dict]:
-    path = server.run_dir / "crashes.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_journal(server.run_dir / "crashes.jsonl")
 
 
 def crash_and_recover(
@@ -120,12 +116,9 @@ def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
 def test_exception_answers_500_json_and_the_worker_lives(start_server: Start) -> None:
     server = start_server(workers=2, env=CHAOS)
     before = server.wait_for_ids({0, 1})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(
-            urllib.request.Request(f"{server.url}/chaos/exception", method="POST")
-        )
-    assert err.value.code == 500 and "error" in json.load(err.value)
-    pid = int(err.value.headers["X-Worker-Pid"])
+    status, body, headers = http_get(f"{server.url}/chaos/exception", "POST")
+    assert status == 500 and body["error"]
+    pid = int(headers["X-Worker-Pid"])
     lines = server.wait_for_log(rf"\[{pid}\] \[worker \d\] \[ERROR\] unhandled exception in POST")
     assert len(lines) == 1
     assert server.log_text().count("RuntimeError: chaos: an exception was requested") == 1
@@ -175,9 +168,7 @@ def test_ids_stay_dense_across_kills_ttin_ttou_and_reload(server: GunicornServer
     ids = server.wait_for_ids({0, 1, 2})
     os.kill(server.master_pid, signal.SIGHUP)
     old = set(ids)
-    deadline = time.monotonic() + 15
-    while set(server.worker_ids()) & old and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll_until(lambda: not set(server.worker_ids()) & old, 15, "the old generation gone")
     # A HUP re-reads the config, so the pool returns to its configured size (2) with ids 0..1.
     fresh = server.wait_for_ids({0, 1})
     assert not set(fresh) & old
@@ -202,10 +193,8 @@ def test_titles_name_id_pid_and_requests(server: GunicornServer) -> None:
     before = served_per_title(server)
     for _ in range(6):
         assert call(f"{server.url}/healthz") == 200
-    deadline = time.monotonic() + 5  # a title is updated just after the answer is sent
-    while served_per_title(server) != before + 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert served_per_title(server) == before + 6
+    # A title is updated just after the answer is sent.
+    poll_until(lambda: served_per_title(server) == before + 6, 5, "6 more requests in the titles")
 
 
 def test_crash_loop_backs_off_while_the_others_serve(start_server: Start) -> None:
@@ -217,15 +206,15 @@ def test_crash_loop_backs_off_while_the_others_serve(start_server: Start) -> Non
             victim = next(pid for pid, i in server.wait_for_ids({0, 1}).items() if i == 0)
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            deadline = killed_at + 10
-            while time.monotonic() < deadline:  # until id 0 serves again: its title says so
+
+            def id_0_serves(victim: int = victim) -> bool:
+                """Id 0 is served by a new process again: its title says so."""
                 titles = server.worker_titles()
-                serving = [
-                    t for t in titles.values() if re.match(r"heavyapp: worker 0 .*requests$", t)
-                ]
-                if victim not in titles and serving:
-                    break
-                time.sleep(0.01)
+                return victim not in titles and any(
+                    re.match(r"heavyapp: worker 0 .*requests$", t) for t in titles.values()
+                )
+
+            poll_until(id_0_serves, 10, f"id 0 serving again after killing {victim}", every=0.01)
             waits.append(time.monotonic() - killed_at)
     logged = [
         float(x)
