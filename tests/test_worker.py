@@ -105,12 +105,22 @@ def test_segfault_leaves_the_python_traceback(start_server: Start) -> None:
 def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
     before = server.wait_for_ids({0, 1})
     victim, wid = next(iter(before.items()))
-    os.kill(victim, signal.SIGKILL)
-    server.wait_for_ids({0, 1})
+    with background_traffic(server) as traffic:
+        poll_until(lambda: len(traffic.statuses) >= 5, 10, "traffic flowing")
+        os.kill(victim, signal.SIGKILL)
+        after = server.wait_for_ids({0, 1})
+        served = len(traffic.statuses)
+        poll_until(lambda: len(traffic.statuses) >= served + 5, 10, "traffic after the kill")
+    (newcomer,) = set(after) - set(before)
+    assert after[newcomer] == wid, "the replacement takes the killed worker's id"
     server.wait_for_log(
         rf"worker pid={victim} died \(signal SIGKILL\): killed; worker id {wid}.*OOM"
     )
+    server.wait_for_log(rf"Starting another worker for id {wid} \(replaces pid={victim}: killed\)")
     assert [e["cause"] for e in journal(server)] == ["killed"]
+    # Only the request in flight on the killed worker may fail.
+    failed = [s for s in traffic.statuses if s != 200]
+    assert len(failed) <= 1, f"{len(failed)} of {len(traffic.statuses)} failed: {set(failed)}"
 
 
 def test_exception_answers_500_json_and_the_worker_lives(start_server: Start) -> None:
