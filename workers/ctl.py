@@ -1,7 +1,8 @@
 """heavyctl: ``pm2 list``, ``pm2 reload`` and ``pm2 scale`` for a heavyapp server.
 
 Everything goes through Gunicorn's own control socket (``gunicorn.ctl`` in the server's run
-directory: ``show workers``, ``show stats``, ``reload``, ``worker add|remove``); what Gunicorn does
+directory: ``show workers``, ``show stats``; reload and scale are Gunicorn's HUP, TTIN and TTOU to
+the master pid the socket names); what Gunicorn does
 not know comes from the kit: worker ids and request counts from the process titles, CPU and
 memory from psutil, restarts and the last crash of each id from the master's ``roster.json``,
 crashes from the journal. The server is found from the same variables the config reads
@@ -308,28 +309,30 @@ def scale_target(spec: str, current: int) -> int:
     return target
 
 
-def _set_target(server: Server, target: int) -> None:
-    """``worker add|remove`` until the master's target is ``target``.
+def _set_target(server: Server, target: int, timeout: float) -> None:
+    """Step the master's worker count to ``target`` with TTIN/TTOU, one worker at a time.
 
-    A command whose connection was reset may or may not have run, so it is never resent
-    blindly: the target is read again and only the difference asked for.
+    Signals are handled on the master's main loop, where Gunicorn sizes the pool; the socket's
+    ``worker add|remove`` changes the count from the socket's own thread, racing that loop and
+    the kit's scale-down hook. Two identical signals sent together merge into one, hence one
+    at a time, each confirmed on the socket before the next.
     """
-    for _ in range(SEND_ATTEMPTS):
-        current = server.send("show stats")["workers_target"]
-        if current == target:
-            return
-        verb = "add" if target > current else "remove"
-        try:
-            server.send(f"worker {verb} {abs(target - current)}", retry=False)
-        except CtlError:
+    stats = server.send("show stats")
+    master, current = stats["pid"], stats["workers_target"]
+    deadline = time.monotonic() + timeout
+    while current != target:
+        wanted = current + (1 if target > current else -1)
+        os.kill(master, signal.SIGTTIN if wanted > current else signal.SIGTTOU)
+        while (current := server.send("show stats")["workers_target"]) != wanted:
+            if time.monotonic() > deadline:
+                raise CtlError(f"the master did not take the worker count {wanted}")
             time.sleep(POLL)
-    raise CtlError(f"the master did not take the new worker count {target}")
 
 
 def scale(server: Server, spec: str, timeout: float) -> dict[str, Any]:
     previous = server.send("show stats")["workers_target"]
     target = scale_target(spec, previous)
-    _set_target(server, target)
+    _set_target(server, target, timeout)
     pids = _wait_for_pool(
         server, lambda pids, now: len(pids) == now == target, timeout, f"scale to {target}"
     )
