@@ -1,0 +1,55 @@
+"""The Gunicorn internals the kit leans on, checked so an upgrade fails here, loudly, first.
+
+pyproject pins ``gunicorn>=27,<28``; before widening that, make these pass on the new version.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from gunicorn import arbiter, util
+from gunicorn.workers import base, sync
+
+
+def source(obj: object) -> str:
+    return inspect.getsource(obj)  # type: ignore[arg-type]
+
+
+def test_reaping_goes_through_the_arbiter_modules_os() -> None:
+    """workers/lifecycle.py reads exit statuses by standing in for ``gunicorn.arbiter.os``."""
+    assert arbiter.os.__name__ == "os" or hasattr(arbiter.os, "statuses")
+    reap = source(arbiter.Arbiter.reap_workers)
+    assert "os.waitpid(-1, os.WNOHANG)" in reap
+    assert reap.index("os.waitpid") < reap.index("self.cfg.child_exit(self, worker)")
+
+
+def test_scale_down_retires_the_lowest_age_first() -> None:
+    """workers/lifecycle.nworkers_changed points the scale-down at the highest ids by age."""
+    manage = source(arbiter.Arbiter.manage_workers)
+    assert "key=lambda w: w[1].age" in manage and "workers.pop(0)" in manage
+
+
+def test_the_num_workers_setter_calls_nworkers_changed() -> None:
+    assert "nworkers_changed" in source(arbiter.Arbiter._set_num_workers)
+
+
+def test_error_answers_are_written_by_util_write_error() -> None:
+    """workers/heavy.py swaps ``util.write_error`` for a JSON writer."""
+    assert "util.write_error(client, status_int, reason, mesg)" in source(base.Worker.handle_error)
+    assert inspect.signature(util.write_error).parameters.keys() == {
+        "sock",
+        "status_int",
+        "reason",
+        "mesg",
+    }
+
+
+def test_a_timeout_abort_is_caught_by_the_request_error_handler() -> None:
+    """workers/heavy.py re-raises the timeout's exit code after Gunicorn's handler caught it."""
+    assert "sys.exit(1)" in source(base.Worker.handle_abort)
+    assert "except BaseException as e:" in source(sync.SyncWorker.handle)
+
+
+def test_a_worker_gets_half_the_timeout_as_its_heartbeat_period() -> None:
+    """workers/heavy.py keeps the head wait below ``worker.timeout``."""
+    assert "self.timeout / 2.0" in source(arbiter.Arbiter.spawn_worker)
