@@ -14,13 +14,9 @@ from heavyapp import chaos, metrics
 from heavyapp.settings import Settings
 from heavyapp.work import BadParameter, count, parse_count
 from workers import crashes
+from workers.env import worker_id
 
 log = logging.getLogger("gunicorn.error")
-
-
-def worker_id() -> str:
-    """The stable id the kit's worker class puts in the environment ("" under another server)."""
-    return os.environ.get("HEAVYAPP_WORKER_ID", "")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -70,16 +66,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         """A bug in a view: answer 500 JSON, log and journal the traceback once, keep the worker."""
         log.exception("unhandled exception in %s %s", request.method, request.path)
         crashes.record(
-            {
-                "pid": os.getpid(),
-                "worker_id": int(worker_id()) if worker_id().isdigit() else None,
-                "cause": "exception",
-                "signal": None,
-                "exit_code": None,
-                "request": f"{request.method} {request.full_path.rstrip('?')}",
-                "detail": repr(exc),
-                "traceback": traceback.format_exc(),
-            }
+            crashes.entry(
+                "exception",
+                os.getpid(),
+                int(worker_id()) if worker_id().isdigit() else None,
+                request=f"{request.method} {request.full_path.rstrip('?')}",
+                detail=repr(exc),
+                traceback=traceback.format_exc(),
+            )
         )
         return jsonify(error="internal error; the traceback is in the server log"), 500
 

@@ -34,6 +34,34 @@ log = logging.getLogger("gunicorn.error")
 _hooks: list[CrashHook] = []
 
 
+def entry(
+    cause: str,
+    pid: int,
+    worker_id: int | None,
+    *,
+    signal: str | None = None,
+    exit_code: int | None = None,
+    request: str | None = None,
+    detail: str | None = None,
+    traceback: str | None = None,
+    uptime_s: float | None = None,
+    requests: int | None = None,
+) -> Crash:
+    """One crash record with every field the journal documents (``None`` where unknown)."""
+    return {
+        "pid": pid,
+        "worker_id": worker_id,
+        "cause": cause,
+        "signal": signal,
+        "exit_code": exit_code,
+        "request": request,
+        "uptime_s": uptime_s,
+        "requests": requests,
+        "detail": detail,
+        "traceback": traceback,
+    }
+
+
 def on_crash(hook: CrashHook) -> CrashHook:
     """Register ``hook`` to be called with every crash record; usable as a decorator."""
     if hook not in _hooks:

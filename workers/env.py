@@ -30,6 +30,15 @@ def positive_int(
     return value
 
 
+#: A worker's stable id, set by the master just before it forks the worker.
+WORKER_ID = "HEAVYAPP_WORKER_ID"
+
+
+def worker_id() -> str:
+    """This worker's stable id as text: ``""`` outside a kit worker (say, Flask's test client)."""
+    return os.environ.get(WORKER_ID, "")
+
+
 def bind_address(env: Mapping[str, str] = os.environ) -> str:
     """``BIND`` if set, else ``HOST:PORT``; loopback by default so a laptop never exposes it."""
     if env.get("BIND"):

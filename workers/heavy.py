@@ -33,7 +33,7 @@ from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
 from workers import lastwords, titles
-from workers.env import positive_int
+from workers.env import positive_int, worker_id
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PEEK_BYTES = 65536
@@ -62,7 +62,7 @@ def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         f"X-Worker-Pid: {os.getpid()}\r\n"
-        f"X-Worker-Id: {os.environ.get('HEAVYAPP_WORKER_ID', '')}\r\n\r\n"
+        f"X-Worker-Id: {worker_id()}\r\n\r\n"
     )
     util.write_nonblock(sock, head.encode("latin1") + body)
 

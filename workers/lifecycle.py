@@ -18,7 +18,7 @@ from typing import Any
 import gunicorn.arbiter
 
 from workers import crashes, lastwords, logs, metrics, titles
-from workers.env import SettingsError, claim_run_dir, run_dir
+from workers.env import WORKER_ID, SettingsError, claim_run_dir, run_dir
 from workers.roster import Backoff, Death, Member, Roster
 from workers.sizing import cpu_budget
 
@@ -139,7 +139,7 @@ def pre_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
     metrics.worker_starting(len(server.WORKERS) + 1)
     _save_state(server)  # heavyctl's restart count includes this start
     # Set in the master just before the fork, so the child has its id from its first line of log.
-    os.environ["HEAVYAPP_WORKER_ID"] = str(member.id)
+    os.environ[WORKER_ID] = str(member.id)
     if member.replaces:
         delay = (
             f", after a {member.restart_delay:.1f}s crash-loop delay"
@@ -230,19 +230,19 @@ def _log_death(server: gunicorn.arbiter.Arbiter, death: Death, words: dict, faul
     )
 
 
-def _crash_entry(death: Death, words: dict, fault: str) -> dict[str, Any]:
-    return {
-        "pid": death.pid,
-        "worker_id": death.worker_id,
-        "cause": death.cause,
-        "signal": death.signal,
-        "exit_code": death.exit_code,
-        "request": death.request or words.get("request") or None,
-        "uptime_s": round(death.uptime, 3),
-        "requests": death.requests,
-        "detail": words.get("detail"),
-        "traceback": words.get("traceback") or fault or None,
-    }
+def _crash_entry(death: Death, words: dict, fault: str) -> crashes.Crash:
+    return crashes.entry(
+        death.cause,
+        death.pid,
+        death.worker_id,
+        signal=death.signal,
+        exit_code=death.exit_code,
+        request=death.request or words.get("request") or None,
+        detail=words.get("detail"),
+        traceback=words.get("traceback") or fault or None,
+        uptime_s=round(death.uptime, 3),
+        requests=death.requests,
+    )
 
 
 def nworkers_changed(server: gunicorn.arbiter.Arbiter, new: int, old: int | None) -> None:

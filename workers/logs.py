@@ -8,6 +8,7 @@ import os
 from gunicorn import glogging
 
 from workers import jsonlog
+from workers.env import worker_id
 
 #: Set in the master by ``on_starting``; a fork inherits it, so a worker can tell it is not it.
 MASTER_PID = 0
@@ -17,7 +18,7 @@ def worker_tag() -> str:
     """``master`` in the master, ``worker <id>`` in a worker (the id comes from the environment)."""
     if MASTER_PID in (0, os.getpid()):  # 0: the master before on_starting ran
         return "master"
-    return f"worker {os.environ.get('HEAVYAPP_WORKER_ID', '?')}"
+    return f"worker {worker_id() or '?'}"
 
 
 class _TagFilter(logging.Filter):
