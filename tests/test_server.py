@@ -128,6 +128,7 @@ def raw(server: GunicornServer, request: bytes) -> tuple[int, dict, str]:
         (b"NOT A REQUEST\r\n\r\n", 400, "Bad Request"),
         (b"GET /healthz HTTP/1.1\r\n" + b"X-Junk: y\r\n" * 60 + b"\r\n", 431, "Header"),
         (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", 400, "HTTP Version"),
+        (b"POST /heavy HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n", 400, "foo"),
     ],
 )
 def test_malformed_http_gets_json_too(
@@ -138,6 +139,26 @@ def test_malformed_http_gets_json_too(
     assert code == status and says in body["error"]
     assert "X-Worker-Pid:" in head and "X-Worker-Id:" in head
     assert server.worker_pids() == workers
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"]
+)
+def test_a_client_that_sends_no_request_head_gets_a_408(start_server: Start, sent: bytes) -> None:
+    server = start_server(workers=2, env={"HEAVYAPP_HEAD_TIMEOUT": "1", "TIMEOUT": "4"})
+    workers = server.worker_pids()
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in workers]
+    for sock in slow:  # one per worker: every worker waits on a slow client at once
+        sock.sendall(sent)
+    status, _, _ = http_get(f"{server.url}/healthz", timeout=10)
+    assert status == 200, "served once a worker gave up on its slow client"
+    for sock in slow:
+        with sock:
+            head, _, answer = sock.recv(65536).decode("latin1").partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 408 Request Timeout")
+        assert "no complete request head within 1s" in json.loads(answer)["error"]
+    server.wait_for_log(r"Invalid request from ip=127\.0\.0\.1: no complete request head", count=2)
+    assert server.worker_pids() == workers and "died" not in server.log_text()
 
 
 BAD_INPUTS = [

@@ -56,7 +56,12 @@ def resident_mb() -> float:
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
-    """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's."""
+    """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's.
+
+    Gunicorn answers an unknown transfer coding with 501; it is the client's input, so 400.
+    """
+    if status == 501:
+        status, reason = 400, "Bad Request"
     body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
