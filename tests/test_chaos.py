@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import http_get, poll_until
-from loadtest.closedloop import ClosedLoop, Report, fetch
+from loadtest.closedloop import ClosedLoop, Report
 from workers.crashes import read_journal
 from workers.launch import GunicornServer
 
@@ -238,9 +238,12 @@ def test_fuzzed_paths_and_query_strings_never_cost_a_5xx_or_a_worker(start_serve
         target = quote(path, safe=RAW)
         if query:
             target += "?" + "&".join(f"{quote(k, safe=RAW)}={quote(v, safe=RAW)}" for k, v in query)
-        status, _ = fetch("127.0.0.1", server.port, target, timeout=10)
+        status, body, headers = http_get(server.url + target, timeout=10)
         statuses.append(status)
         assert 200 <= status < 500, target
+        if status >= 400:  # a refusal says why, in JSON, and names the worker
+            assert isinstance(body, dict) and body.get("error"), (target, body)
+            assert headers["X-Worker-Pid"] in {str(p) for p in pids}, (target, headers)
 
     one()
     counts = {s: statuses.count(s) for s in sorted(set(statuses))}
