@@ -55,6 +55,11 @@ def resident_mb() -> float:
         return int(statm.read().split()[1]) * _PAGE / 2**20
 
 
+def _head_is_in(peeked: bytes) -> bool:
+    """A whole head, a closed connection (b""), or more than we peek: the parser's to judge."""
+    return not peeked or len(peeked) == _PEEK_BYTES or b"\r\n\r\n" in peeked or b"\n\n" in peeked
+
+
 def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
     """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's.
 
@@ -129,25 +134,33 @@ class HeavyWorker(SyncWorker):
     def head_arrived(self, client: socket.socket) -> bool:
         """Peek until the head's blank line is in the kernel's buffer, or the deadline passes.
 
+        Usually the head is there at once and one non-blocking peek says so. Otherwise
         ``SO_RCVLOWAT`` makes ``select`` wake only when more bytes than already seen arrive.
         """
         deadline = time.monotonic() + self.head_timeout
-        seen = 0
+        lowered = False
         try:
-            while (left := deadline - time.monotonic()) > 0:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
-                if not select.select([client], [], [], left)[0]:
+            while True:
+                try:
+                    data: bytes | None = client.recv(
+                        _PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT
+                    )
+                except BlockingIOError:
+                    data = None  # nothing yet, the connection still open
+                if data is not None and _head_is_in(data):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return False
-                data = client.recv(_PEEK_BYTES, socket.MSG_PEEK)
-                if not data or len(data) == _PEEK_BYTES or b"\r\n\r\n" in data or b"\n\n" in data:
-                    return True  # a head, a closed connection, or more than we peek: the parser's
-                seen = len(data)
-            return False
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data or b"") + 1)
+                lowered = True
+                select.select([client], [], [], left)
         except OSError:
             return True  # a reset or the like: Gunicorn's handler knows what to do with it
         finally:
-            with contextlib.suppress(OSError):
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            if lowered:  # the parser's blocking reads must not wait for that many bytes
+                with contextlib.suppress(OSError):
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
