@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import psutil
 import pytest
 
 from helpers import http_get, poll_until
+from workers import titles
 from workers.crashes import read_journal
 from workers.launch import GunicornServer
 
@@ -189,8 +189,7 @@ def served_per_title(server: GunicornServer) -> int:
     """The requests the workers' titles say they served, checking each title's shape."""
     served = 0
     for pid, wid in server.worker_ids().items():
-        with open(f"/proc/{pid}/cmdline") as f:
-            title = f.read().replace("\0", " ").strip()
+        title = titles.read(pid)
         match = re.fullmatch(rf"heavyapp: worker {wid} \[pid {pid}\] (\d+) requests", title)
         assert match, title
         served += int(match.group(1))
@@ -198,7 +197,7 @@ def served_per_title(server: GunicornServer) -> int:
 
 
 def test_titles_name_id_pid_and_requests(server: GunicornServer) -> None:
-    master = " ".join(psutil.Process(server.master_pid).cmdline()).strip()
+    master = titles.read(server.master_pid)
     assert master == f"heavyapp: master [2 workers] 127.0.0.1:{server.port}"
     before = served_per_title(server)
     for _ in range(6):
@@ -219,9 +218,9 @@ def test_crash_loop_backs_off_while_the_others_serve(start_server: Start) -> Non
 
             def id_0_serves(victim: int = victim) -> bool:
                 """Id 0 is served by a new process again: its title says so."""
-                titles = server.worker_titles()
-                return victim not in titles and any(
-                    re.match(r"heavyapp: worker 0 .*requests$", t) for t in titles.values()
+                shown = server.worker_titles()
+                return victim not in shown and any(
+                    re.match(r"heavyapp: worker 0 .*requests$", t) for t in shown.values()
                 )
 
             poll_until(id_0_serves, 10, f"id 0 serving again after killing {victim}", every=0.01)

@@ -163,13 +163,8 @@ class GunicornServer:
 
     def worker_titles(self) -> dict[int, str]:
         """Worker pid -> its process title, as ``ps -eo pid,args`` shows it."""
-        titles = {}
-        for pid in self.worker_pids():
-            try:
-                titles[pid] = " ".join(psutil.Process(pid).cmdline()).strip()
-            except psutil.NoSuchProcess:
-                continue
-        return titles
+        found = {pid: titles.read(pid) for pid in self.worker_pids()}
+        return {pid: title for pid, title in found.items() if title}
 
     def worker_ids(self) -> dict[int, int]:
         """Worker pid -> worker id, read from the process titles."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import psutil
 from setproctitle import setproctitle
 
 _WORKER = re.compile(
@@ -23,6 +24,14 @@ def serving(worker_id: int, pid: int, requests: int) -> None:
 
 def waiting(worker_id: int, pid: int, delay: float) -> None:
     setproctitle(f"heavyapp: worker {worker_id} [pid {pid}] waiting {delay:.1f}s (crash loop)")
+
+
+def read(pid: int) -> str:
+    """The title process ``pid`` shows now; '' once it is gone (or a zombie)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def parse(title: str) -> dict[str, Any]:
