@@ -55,9 +55,11 @@ def resident_mb() -> float:
         return int(statm.read().split()[1]) * _PAGE / 2**20
 
 
-def _head_is_in(peeked: bytes) -> bool:
-    """A whole head, a closed connection (b""), or more than we peek: the parser's to judge."""
-    return not peeked or len(peeked) == _PEEK_BYTES or b"\r\n\r\n" in peeked or b"\n\n" in peeked
+def _head_is_in(buf: bytearray, n: int) -> bool:
+    """A whole head, a closed connection (0 bytes), or more than we peek: the parser's to judge."""
+    if n in (0, len(buf)):
+        return True
+    return buf.find(b"\r\n\r\n", 0, n) >= 0 or buf.find(b"\n\n", 0, n) >= 0
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
@@ -84,6 +86,7 @@ class HeavyWorker(SyncWorker):
         self.max_rss_mb = max_rss_mb()
         # Below the heartbeat period: the master must never take the wait for a hang.
         self.head_timeout = min(head_timeout(), max(1, int(self.timeout)))
+        self._peek = bytearray(_PEEK_BYTES)  # reused: no allocation per request
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -142,17 +145,15 @@ class HeavyWorker(SyncWorker):
         try:
             while True:
                 try:
-                    data: bytes | None = client.recv(
-                        _PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT
-                    )
+                    n = client.recv_into(self._peek, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    data = None  # nothing yet, the connection still open
-                if data is not None and _head_is_in(data):
+                    n = -1  # nothing yet, the connection still open
+                if n >= 0 and _head_is_in(self._peek, n):
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data or b"") + 1)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(n, 0) + 1)
                 lowered = True
                 select.select([client], [], [], left)
         except OSError:
