@@ -3,39 +3,47 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from gunicorn.ctl.client import ControlClient, ControlClientError
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import poll_until
 from workers.launch import GunicornServer, ServerError, free_port
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]
 
 
-def master_pid_on(socket: Path, timeout: float = 10.0) -> int:
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A short-named directory under /tmp (a control socket path must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def master_pid_on(socket: Path) -> int:
     """Ask the control socket for its master's pid; Gunicorn re-binds it around each fork,
     so it may be missing for a moment: poll."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with ControlClient(str(socket), timeout=5) as client:
-                return client.send_command("show stats")["pid"]
-        except ControlClientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+
+    def ask() -> int:
+        with ControlClient(str(socket), timeout=5) as client:
+            return client.send_command("show stats")["pid"]
+
+    return poll_until(ask, 10, f"an answer on {socket}", ignore=(ControlClientError,))
 
 
-def test_servers_bound_with_dash_b_get_their_own_run_directory(start_server: Start) -> None:
+def test_servers_bound_with_dash_b_get_their_own_run_directory(
+    start_server: Start, scratch: Path
+) -> None:
     """Same environment, different ``-b``: each master settles on its real bind's directory."""
-    base = tempfile.mkdtemp(prefix="xdg-", dir="/tmp")
+    base = str(scratch)
     env = {"HEAVYAPP_RUN_DIR": "", "XDG_RUNTIME_DIR": base, "PORT": "8000"}
     servers = []
     for _ in range(2):
@@ -67,9 +75,12 @@ def test_servers_bound_with_dash_b_get_their_own_run_directory(start_server: Sta
 )
 def test_bad_settings_refuse_to_start(env: dict[str, str], says: str) -> None:
     server = GunicornServer(env=env)
-    with pytest.raises(ServerError, match=says):
-        server.start()
-    assert server.stop() not in (0, None)
+    try:
+        with pytest.raises(ServerError, match=says):
+            server.start()
+        assert server.stop() not in (0, None)
+    finally:
+        server.cleanup()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
@@ -78,18 +89,24 @@ def test_a_run_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> Non
     planted.mkdir()
     os.chown(planted, 65534, 65534)
     server = GunicornServer(env={"HEAVYAPP_RUN_DIR": str(planted)})
-    with pytest.raises(ServerError, match=f"run directory {planted} is a symlink or not owned"):
-        server.start()
-    assert server.stop() not in (0, None)
+    try:
+        with pytest.raises(ServerError, match=f"run directory {planted} is a symlink or not"):
+            server.start()
+        assert server.stop() not in (0, None)
+    finally:
+        server.cleanup()
 
 
-def test_preload_needs_a_named_metrics_directory(start_server: Start) -> None:
+def test_preload_needs_a_named_metrics_directory(start_server: Start, scratch: Path) -> None:
     refused = GunicornServer(args=["--preload"])
-    with pytest.raises(ServerError, match="preload_app loaded prometheus_client before"):
-        refused.start()
-    assert refused.stop() not in (0, None)
-    metrics = tempfile.mkdtemp(prefix="metrics-", dir="/tmp")
-    server = start_server(workers=2, args=["--preload"], env={"PROMETHEUS_MULTIPROC_DIR": metrics})
+    try:
+        with pytest.raises(ServerError, match="preload_app loaded prometheus_client before"):
+            refused.start()
+        assert refused.stop() not in (0, None)
+    finally:
+        refused.cleanup()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(scratch)}
+    server = start_server(workers=2, args=["--preload"], env=env)
     for _ in range(6):
         urllib.request.urlopen(f"{server.url}/heavy?n=10", timeout=10).close()
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as resp:

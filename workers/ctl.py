@@ -119,7 +119,7 @@ def _sample_processes(pids: Sequence[int], interval: float) -> dict[int, dict[st
         try:
             with proc.oneshot():
                 facts[pid] = {
-                    "title": " ".join(proc.cmdline()),
+                    "title": titles.read(pid),
                     "uptime_s": round(time.time() - proc.create_time(), 1),
                     "cpu_percent": proc.cpu_percent(None),
                     "memory_mb": round(proc.memory_info().rss / 2**20, 1),
@@ -258,13 +258,7 @@ def render_status(data: dict[str, Any]) -> str:
 
 def _titled(pids: set[int]) -> bool:
     """Every pid has set its heavyapp title, which a worker does once it runs its own code."""
-    for pid in pids:
-        try:
-            if titles.parse(" ".join(psutil.Process(pid).cmdline()))["id"] is None:
-                return False
-        except psutil.NoSuchProcess:
-            return False
-    return True
+    return all(titles.parse(titles.read(pid))["id"] is not None for pid in pids)
 
 
 def _wait_for_pool(
