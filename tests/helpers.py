@@ -36,9 +36,7 @@ def poll_until(
         time.sleep(every)
 
 
-def http_get(
-    url: str, method: str = "GET", timeout: float = 30.0
-) -> tuple[int, Any, Message]:
+def http_get(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int, Any, Message]:
     """(status, JSON body or None, headers) of one request, whatever the status; redirects are
     not followed and the target is sent as written. Raises OSError or http.client.HTTPException
     when the connection broke."""
