@@ -37,6 +37,7 @@ from workers.env import positive_int, worker_id
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PEEK_BYTES = 65536
+_STACK_FRAMES = 12
 
 
 def max_rss_mb(env: Mapping[str, str] = os.environ) -> int | None:
@@ -189,7 +190,8 @@ class HeavyWorker(SyncWorker):
         """Gunicorn's timeout (SIGABRT from the master): log the stuck request's stack, then go."""
         snapshot = self.heavy.board.read()
         ran = time.time() - snapshot.busy_since if snapshot.busy_since else 0.0
-        stack = "".join(traceback.format_stack(frame)) if frame else "(no Python frame)"
+        # The innermost frames: the request's own code, not Gunicorn's way down to it.
+        stack = "".join(traceback.format_stack(frame, _STACK_FRAMES)) if frame else "(no frame)"
         where = (
             f"{frame.f_code.co_name}() at {frame.f_code.co_filename}:{frame.f_lineno}"
             if frame
