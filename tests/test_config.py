@@ -60,6 +60,10 @@ def test_servers_bound_with_dash_b_get_their_own_run_directory(
 @pytest.mark.parametrize(
     ("env", "says"),
     [
+        ({"WEB_CONCURRENCY": "0"}, "refusing to start: WEB_CONCURRENCY must be a positive integer"),
+        # Gunicorn validates its own default, parsed from WEB_CONCURRENCY, before any config file.
+        ({"WEB_CONCURRENCY": "-1"}, "Value must be positive: -1"),
+        ({"WEB_CONCURRENCY": "three"}, "invalid literal for int.*'three'"),
         (
             {"HEAVYAPP_MAX_RSS_MB": "lots"},
             "refusing to start: HEAVYAPP_MAX_RSS_MB must be an integer",
