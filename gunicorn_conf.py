@@ -11,7 +11,8 @@ import os
 
 from workers import lifecycle
 from workers.env import SettingsError, bind_address, positive_int, run_dir
-from workers.heavy import head_timeout, max_rss_mb
+from workers.headwait import head_timeout
+from workers.heavy import max_rss_mb
 from workers.jsonlog import log_format
 from workers.roster import Backoff
 from workers.sizing import cpu_budget, worker_count
@@ -28,7 +29,7 @@ try:
     max_requests_jitter = positive_int(env, "MAX_REQUESTS_JITTER", 0, allow_zero=True)
     log_format(env)  # HEAVYAPP_LOG_FORMAT=json: checked here, applied by workers/logs.py
     max_rss_mb(env)  # checked here, applied by each worker after every request
-    head_timeout(env)  # checked here, applied by each worker to every connection
+    head_timeout(env, timeout)  # checked here, applied by each worker to every connection
     lifecycle.ROSTER.backoff = Backoff.from_env(env)
 except SettingsError as exc:
     raise SystemExit(f"heavyapp: refusing to start: {exc}") from None

@@ -73,6 +73,10 @@ def test_servers_bound_with_dash_b_get_their_own_run_directory(
             "refusing to start: HEAVYAPP_BACKOFF_BASE_MS must be a",
         ),
         ({"HEAVYAPP_LOG_FORMAT": "xml"}, "refusing to start: HEAVYAPP_LOG_FORMAT"),
+        (
+            {"HEAVYAPP_HEAD_TIMEOUT": "20", "TIMEOUT": "30"},
+            r"refusing to start: HEAVYAPP_HEAD_TIMEOUT=20 must be at most half of the timeout",
+        ),
         # The app's own settings are checked when the app is created: no worker can boot.
         ({"HEAVYAPP_MAX_N": "0"}, "HEAVYAPP_MAX_N must be a positive integer, got 0"),
     ],

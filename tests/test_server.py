@@ -122,8 +122,13 @@ def test_malformed_http_gets_json_too(
     assert server.worker_pids() == workers
 
 
+BIG_UNFINISHED_HEAD = b"GET /healthz HTTP/1.1\r\n" + (b"X-Big: " + b"a" * 8000 + b"\r\n") * 9
+
+
 @pytest.mark.parametrize(
-    "sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"]
+    "sent",
+    [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", BIG_UNFINISHED_HEAD],
+    ids=["nothing", "half a head", "72 kB of head, unfinished"],
 )
 def test_a_client_that_sends_no_request_head_gets_a_408(start_server: Start, sent: bytes) -> None:
     server = start_server(workers=2, env={"HEAVYAPP_HEAD_TIMEOUT": "1", "TIMEOUT": "4"})
@@ -140,6 +145,22 @@ def test_a_client_that_sends_no_request_head_gets_a_408(start_server: Start, sen
         assert "no complete request head within 1s" in json.loads(answer)["error"]
     server.wait_for_log(r"Invalid request from ip=127\.0\.0\.1: no complete request head", count=2)
     assert server.worker_pids() == workers and "died" not in server.log_text()
+
+
+def test_a_client_that_half_closes_mid_head_is_let_go_at_once(start_server: Start) -> None:
+    """Its end of stream reaches the parser, which drops the connection: no 408 wait, no spin."""
+    server = start_server(workers=1, env={"HEAVYAPP_HEAD_TIMEOUT": "5"})
+    (worker,) = [psutil.Process(pid) for pid in server.worker_pids()]
+    cpu_before = sum(worker.cpu_times()[:2])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536) == b""  # closed without an answer: there was no request
+    assert time.monotonic() - started < 2.5, "let go well before the 5 s deadline"
+    assert sum(worker.cpu_times()[:2]) - cpu_before < 0.5, "the wait must not spin"
+    assert http_get(f"{server.url}/healthz")[0] == 200
+    assert server.worker_pids() == [worker.pid]
 
 
 BAD_INPUTS = [

@@ -16,11 +16,9 @@ On top of the sync worker, each worker
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import json
 import os
-import select
 import socket
 import sys
 import time
@@ -34,9 +32,9 @@ from gunicorn.workers.sync import SyncWorker
 
 from workers import lastwords, titles
 from workers.env import positive_int, worker_id
+from workers.headwait import HeadWait, head_timeout
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_PEEK_BYTES = 65536
 _STACK_FRAMES = 12
 
 
@@ -45,22 +43,10 @@ def max_rss_mb(env: Mapping[str, str] = os.environ) -> int | None:
     return positive_int(env, "HEAVYAPP_MAX_RSS_MB", None)
 
 
-def head_timeout(env: Mapping[str, str] = os.environ) -> int:
-    """Seconds a client has to send its request head, ``HEAVYAPP_HEAD_TIMEOUT`` (default 5)."""
-    return positive_int(env, "HEAVYAPP_HEAD_TIMEOUT", 5)
-
-
 def resident_mb() -> float:
     """This process's resident memory, read from /proc (a few microseconds)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * _PAGE / 2**20
-
-
-def _head_is_in(buf: bytearray, n: int) -> bool:
-    """A whole head, a closed connection (0 bytes), or more than we peek: the parser's to judge."""
-    if n in (0, len(buf)):
-        return True
-    return buf.find(b"\r\n\r\n", 0, n) >= 0 or buf.find(b"\n\n", 0, n) >= 0
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
@@ -85,9 +71,7 @@ class HeavyWorker(SyncWorker):
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         util.write_error = write_json_error  # only Worker.handle_error calls it
         self.max_rss_mb = max_rss_mb()
-        # Below the heartbeat period: the master must never take the wait for a hang.
-        self.head_timeout = min(head_timeout(), max(1, int(self.timeout)))
-        self._peek = bytearray(_PEEK_BYTES)  # reused: no allocation per request
+        self.head_wait = HeadWait(self.cfg, head_timeout(os.environ, self.cfg.timeout))
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -116,53 +100,26 @@ class HeavyWorker(SyncWorker):
         titles.serving(self.heavy.id, self.pid, self.nr)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
-        """Serve a connection only once its request head is there.
-
-        Gunicorn's parser blocks on the socket with no deadline, so a client that connects and
-        sends nothing (or half a head) would hold this worker until the master's timeout kills
-        it. Waiting here first, with a deadline, costs such a client a 408 instead.
-        """
-        if self.cfg.is_ssl or self.head_arrived(client):
+        """Serve a connection once its request head is there; a 408 if it does not come in time
+        (``workers/headwait.py`` says why)."""
+        wait = self.head_wait
+        if not wait.applies_to(client) or wait.arrived(client):
+            self.notify()  # a slow head must not eat into the request's own time budget
             super().handle(listener, client, addr)
             return
         self.log.warning(
-            "Invalid request from ip=%s: no complete request head within %ss",
+            "Invalid request from ip=%s: no complete request head within %gs",
             addr[0] if isinstance(addr, tuple) else addr,
-            self.head_timeout,
+            wait.seconds,
         )
-        write_json_error(
-            client, 408, "Request Timeout", f"no complete request head within {self.head_timeout}s"
-        )
-        util.close_graceful(client)
-
-    def head_arrived(self, client: socket.socket) -> bool:
-        """Peek until the head's blank line is in the kernel's buffer, or the deadline passes.
-
-        Usually the head is there at once and one non-blocking peek says so. Otherwise
-        ``SO_RCVLOWAT`` makes ``select`` wake only when more bytes than already seen arrive.
-        """
-        deadline = time.monotonic() + self.head_timeout
-        lowered = False
         try:
-            while True:
-                try:
-                    n = client.recv_into(self._peek, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    n = -1  # nothing yet, the connection still open
-                if n >= 0 and _head_is_in(self._peek, n):
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(n, 0) + 1)
-                lowered = True
-                select.select([client], [], [], left)
+            write_json_error(
+                client, 408, "Request Timeout", f"no complete request head within {wait.seconds:g}s"
+            )
         except OSError:
-            return True  # a reset or the like: Gunicorn's handler knows what to do with it
+            pass  # the client is gone already
         finally:
-            if lowered:  # the parser's blocking reads must not wait for that many bytes
-                with contextlib.suppress(OSError):
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            util.close_graceful(client)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
