@@ -56,6 +56,7 @@ limit_request_fields = 50
 limit_request_field_size = 8190
 
 on_starting = lifecycle.on_starting
+when_ready = lifecycle.when_ready
 on_reload = lifecycle.on_reload
 pre_fork = lifecycle.pre_fork
 post_fork = lifecycle.post_fork

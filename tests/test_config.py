@@ -108,7 +108,9 @@ def test_a_run_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> Non
 def test_preload_needs_a_named_metrics_directory(start_server: Start, scratch: Path) -> None:
     refused = GunicornServer(args=["--preload"])
     try:
-        with pytest.raises(ServerError, match="preload_app loaded prometheus_client before"):
+        with pytest.raises(
+            ServerError, match="prometheus_client was imported in the master before"
+        ):
             refused.start()
         assert refused.stop() not in (0, None)
     finally:
@@ -126,3 +128,20 @@ def test_preload_needs_a_named_metrics_directory(start_server: Start, scratch: P
         if sample.name == "heavyapp_http_requests_total" and sample.labels["endpoint"] == "/heavy"
     )
     assert counted == 6
+
+
+def test_a_second_master_on_the_same_run_directory_is_refused(start_server: Start) -> None:
+    first = start_server(workers=1)
+    urllib.request.urlopen(f"{first.url}/heavy?n=10", timeout=10).close()
+    metrics_files = sorted((first.run_dir / "metrics").glob("*.db"))
+    second = GunicornServer(workers=1, env={"HEAVYAPP_RUN_DIR": str(first.run_dir)})
+    try:
+        with pytest.raises(
+            ServerError,
+            match=f"another master \\(pid {first.master_pid}\\) uses run directory {first.run_dir}",
+        ):
+            second.start()
+    finally:
+        second.cleanup()
+    assert sorted((first.run_dir / "metrics").glob("*.db")) == metrics_files
+    assert first.healthy()

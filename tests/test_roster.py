@@ -122,6 +122,18 @@ def test_an_id_added_back_after_a_scale_down_replaces_nobody() -> None:
     assert roster.slots[2].restarts == 0
 
 
+def test_a_worker_killed_while_retiring_is_not_replaced_later() -> None:
+    roster = Roster(Backoff(base=1, cap=8, reset_after=100))
+    live = {}
+    for pid in (1, 2):
+        live[pid] = roster.admit(live)
+    roster.retire(live.values(), keep=1)
+    death = roster.release(live.pop(2), 2, killed(signal.SIGKILL), aborted=False, reason=None)
+    assert death.cause == "killed"
+    again = roster.admit(live)
+    assert (again.id, again.replaces, again.restart_delay) == (1, None, 0.0)
+
+
 def test_a_crash_during_a_reload_overlap_is_a_crash_not_a_reload() -> None:
     roster = Roster(Backoff(base=1, cap=8, reset_after=100))
     old = {10: roster.admit({})}

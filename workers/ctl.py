@@ -47,12 +47,17 @@ class Server:
     found_by: str
 
     @classmethod
-    def locate(cls, run_dir_opt: str | None, socket_opt: str | None) -> Server:
+    def locate(
+        cls, run_dir_opt: str | None, socket_opt: str | None, bind_opt: str | None = None
+    ) -> Server:
         if socket_opt:
             sock = Path(socket_opt)
             return cls(Path(run_dir_opt) if run_dir_opt else sock.parent, sock, "--socket")
         if run_dir_opt:
             return cls(Path(run_dir_opt), Path(run_dir_opt) / "gunicorn.ctl", "--run-dir")
+        if bind_opt:
+            where = run_dir(bind=bind_opt)
+            return cls(where, where / "gunicorn.ctl", "--bind")
         found_by = "HEAVYAPP_RUN_DIR" if os.environ.get("HEAVYAPP_RUN_DIR") else "HOST/PORT/BIND"
         where = run_dir()
         return cls(where, where / "gunicorn.ctl", found_by)
@@ -315,12 +320,14 @@ def _set_target(server: Server, target: int, timeout: float) -> None:
     master, current = stats["pid"], stats["workers_target"]
     deadline = time.monotonic() + timeout
     while current != target:
-        wanted = current + (1 if target > current else -1)
-        os.kill(master, signal.SIGTTIN if wanted > current else signal.SIGTTOU)
-        while (current := server.send("show stats")["workers_target"]) != wanted:
+        before = current
+        os.kill(master, signal.SIGTTIN if target > before else signal.SIGTTOU)
+        while (current := server.send("show stats")["workers_target"]) == before:
             if time.monotonic() > deadline:
-                raise CtlError(f"the master did not take the worker count {wanted}")
+                raise CtlError(f"the master did not take the worker count {target}")
             time.sleep(POLL)
+        if abs(target - current) >= abs(target - before):  # a HUP or another scale meanwhile
+            raise CtlError(f"the worker count was changed by someone else (now {current})")
 
 
 def scale(server: Server, spec: str, timeout: float) -> dict[str, Any]:
@@ -362,6 +369,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     common.add_argument("--run-dir", help="the server's run directory (default: from the env)")
     common.add_argument("--socket", help="the server's control socket (default: in the run dir)")
+    common.add_argument("--bind", help="the address the server was started with, e.g. by -b")
     parser = argparse.ArgumentParser(
         prog="heavyctl", description="Look at and steer a running heavyapp server."
     )
@@ -399,7 +407,7 @@ def _run(args: argparse.Namespace, server: Server) -> tuple[Any, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # "scale -1": argparse takes -1 for a number, not a flag
-    server = Server.locate(args.run_dir, args.socket)
+    server = Server.locate(args.run_dir, args.socket, args.bind)
     try:
         data, text = _run(args, server)
     except CtlError as exc:

@@ -63,17 +63,24 @@ def run_dir(env: Mapping[str, str] = os.environ, bind: str | None = None) -> Pat
     return Path(base) / f"heavyapp-{slug}"
 
 
-def claim_run_dir(path: Path) -> Path:
-    """Create ``path`` private to us, or refuse one that another user could have planted.
+def claim_run_dir(path: Path, *, private: bool) -> Path:
+    """Create ``path``, or refuse one that another user could have planted.
 
     The default lives in a shared ``/tmp``: a directory or symlink put there by someone else
-    would get our control socket and have us delete files in it.
+    would get our control socket and have us delete files in it. The default is also made
+    ``private`` (0700); a directory the operator named keeps the mode they gave it.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
-        raise SettingsError(f"run directory {path} is a symlink or not owned by uid {os.geteuid()}")
-    path.chmod(0o700)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+            raise SettingsError(
+                f"run directory {path} is a symlink or not owned by uid {os.geteuid()}"
+            )
+        if private:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise SettingsError(f"run directory {path}: {exc.strerror or exc}") from None
     return path
 
 

@@ -9,10 +9,12 @@ shutdown) are logged as such, not as deaths.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import gunicorn.arbiter
@@ -23,6 +25,8 @@ from workers.roster import Backoff, Death, Member, Roster
 from workers.sizing import cpu_budget
 
 ROSTER = Roster(Backoff())  # gunicorn_conf.py sets the backoff from the environment
+#: The master's lock on its run directory, held until it exits.
+_RUN_DIR_LOCK: int | None = None
 
 #: Settings shown in the one-line effective configuration at start.
 SHOWN_SETTINGS = (
@@ -95,34 +99,70 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     logs.MASTER_PID = os.getpid()
     if not isinstance(gunicorn.arbiter.os, _ExitStatuses):
         gunicorn.arbiter.os = _ExitStatuses(gunicorn.arbiter.os)
-    fresh = "GUNICORN_PID" not in os.environ  # a USR2 re-exec shares the old master's files
-    try:
-        _settle_run_dir(server)
-        metrics.master_starting(server.num_workers, fresh=fresh)
-    except SettingsError as exc:
-        raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
-    if fresh:
-        lastwords.prepare()
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
     )
     server.log.info("Primary pid=%d, starting %d workers", server.pid, server.num_workers)
+
+
+def when_ready(server: gunicorn.arbiter.Arbiter) -> None:
+    """Bound, no worker forked yet: settle this server's run directory, then say so.
+
+    Here and not at start, so a second master that cannot bind the same address never touches
+    the running one's files, and a ``-b :0`` is known by the port it really got.
+    """
+    fresh = "GUNICORN_PID" not in os.environ  # a USR2 re-exec shares the old master's files
+    try:
+        _settle_run_dir(server, lock=fresh)
+        metrics.master_starting(server.num_workers, fresh=fresh)
+    except SettingsError as exc:
+        raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
+    if fresh:
+        lastwords.prepare()
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
 
 
-def _settle_run_dir(server: gunicorn.arbiter.Arbiter) -> None:
-    """The run directory of the address Gunicorn really binds (``-b`` may override the env's).
+def _bound_address(server: gunicorn.arbiter.Arbiter) -> str:
+    """The first address the master really listens on (the configured one under reuse_port)."""
+    if not server.LISTENERS:
+        return server.cfg.bind[0]
+    name = server.LISTENERS[0].sock.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    host, port = name[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    Exported so the workers agree; the control socket follows it unless set explicitly.
-    """
+
+def _settle_run_dir(server: gunicorn.arbiter.Arbiter, lock: bool) -> None:
+    """The run directory of the address really bound (``-b`` may override the env's), locked
+    against a second master, exported so the workers agree; the control socket follows it
+    unless set explicitly."""
     env_default = str(run_dir() / "gunicorn.ctl")
-    where = claim_run_dir(run_dir(bind=server.cfg.bind[0]))
+    named = bool(os.environ.get("HEAVYAPP_RUN_DIR"))
+    where = claim_run_dir(run_dir(bind=_bound_address(server)), private=not named)
+    if lock:
+        _lock_run_dir(where)
     os.environ["HEAVYAPP_RUN_DIR"] = str(where)
     if server.cfg.control_socket == env_default:
         server.cfg.set("control_socket", str(where / "gunicorn.ctl"))
     server.log.info("run directory: %s (control socket, crash journal, metrics)", where)
+
+
+def _lock_run_dir(where: Path) -> None:
+    """Hold ``master.lock`` for the master's life: one master per run directory."""
+    global _RUN_DIR_LOCK
+    fd = os.open(where / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SettingsError(f"another master (pid {holder}) uses run directory {where}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _RUN_DIR_LOCK = fd
 
 
 def on_reload(server: gunicorn.arbiter.Arbiter) -> None:

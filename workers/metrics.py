@@ -41,8 +41,9 @@ def master_starting(target: int, fresh: bool = True) -> Path:
     """
     if "prometheus_client" in sys.modules and not os.environ.get(DIR_VARIABLE):
         raise SettingsError(
-            "preload_app loaded prometheus_client before the metrics directory was set, so "
-            f"/metrics would see one worker only; set {DIR_VARIABLE} to an empty directory"
+            "prometheus_client was imported in the master before the metrics directory was set "
+            "(by preload_app, or by gunicorn_conf.py or a module it imports), so /metrics would "
+            f"see one worker only; set {DIR_VARIABLE} to an empty directory"
         )
     path = metrics_dir()
     path.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,7 @@ class Roster:
             snapshot.request,
         )
         slot = self.slots.setdefault(member.id, Slot())
-        if member.generation == self.generation and cause != "scale-down":
+        if member.generation == self.generation and not member.retiring:
             slot.pid, slot.exit_cause = pid, cause  # its replacement comes next
         if death.planned:
             slot.streak = 0
