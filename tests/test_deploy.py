@@ -203,7 +203,7 @@ def test_compose_file_passes_compose_config():
         message = "no docker-compose / docker compose (apt-get install -y docker-compose)"
         if os.environ.get("HEAVYAPP_REQUIRE_DOCKER") == "1":
             pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        pytest.skip(reason=message)
     proc = subprocess.run(
         [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO
     )

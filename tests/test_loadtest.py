@@ -135,19 +135,19 @@ def run_experiment(*args: str) -> subprocess.CompletedProcess[str]:
 def test_experiment_short_mode_reports_one_per_core_faster(tmp_path: Path) -> None:
     usable = cpu_budget().usable
     if usable < 2:
-        pytest.skip(f"only {usable} usable CPU: one worker per core is one worker here")
+        pytest.skip(reason=f"only {usable} usable CPU: one worker per core is one worker here")
     done = run_experiment("--short", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "single process" in done.stdout and "one per core" in done.stdout
     single, pool = json.loads((tmp_path / "results.json").read_text())
     assert (single["workers"], pool["workers"]) == (1, usable)
     if pool["rps"] <= single["rps"] and pool["machine_busy"] > 0.9 > pool["server_cpu"] / usable:
-        pytest.skip(
+        why = (
             f"the machine's CPUs were {pool['machine_busy']:.0%} busy and the pool got only "
             f"{pool['server_cpu']:.2f} of its {usable} cores: neighbours took the rest, so "
             f"requests/s ({pool['rps']:.1f} vs {single['rps']:.1f}) compares nothing\n"
-            + done.stdout
         )
+        pytest.skip(reason=why + done.stdout)
     assert pool["rps"] > single["rps"], done.stdout
     answered = [w for w in pool["balance"] if w["worker_id"] != NO_ANSWER]
     assert len(answered) == usable and all(w["requests"] > 0 for w in answered), pool
