@@ -11,11 +11,13 @@ On top of the sync worker, each worker
 - has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
+- gives a client ``HEAVYAPP_HEAD_TIMEOUT`` seconds to send its request head (``headwait.py``);
 - answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -112,14 +114,11 @@ class HeavyWorker(SyncWorker):
             addr[0] if isinstance(addr, tuple) else addr,
             wait.seconds,
         )
-        try:
+        with contextlib.suppress(OSError):  # the client may be gone already
             write_json_error(
                 client, 408, "Request Timeout", f"no complete request head within {wait.seconds:g}s"
             )
-        except OSError:
-            pass  # the client is gone already
-        finally:
-            util.close_graceful(client)
+        util.close_graceful(client)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
