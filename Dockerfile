@@ -30,7 +30,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY heavyapp ./heavyapp
 COPY workers ./workers
-COPY loadtest ./loadtest
 # The project and all its runtime dependencies as wheels; nothing else leaves this stage.
 RUN /opt/build-venv/bin/pip wheel --wheel-dir /wheels .
 

@@ -29,9 +29,9 @@ experiment: venv
 
 bench: venv
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/scaling.py
-	$(BIN)/python bench/overhead.py
-	$(BIN)/python bench/peers.py
+	$(BIN)/python -m bench.scaling
+	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

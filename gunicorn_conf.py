@@ -9,13 +9,13 @@ as one line, when the master starts.
 
 import os
 
-from workers import lifecycle
-from workers.env import SettingsError, bind_address, positive_int, run_dir
-from workers.headwait import head_timeout
+from workers.gates.headwait import head_timeout
 from workers.heavy import max_rss_mb
-from workers.jsonlog import log_format
-from workers.roster import Backoff
-from workers.sizing import cpu_budget, worker_count
+from workers.master import hooks as lifecycle
+from workers.master.roster import Backoff
+from workers.master.sizing import cpu_budget, worker_count
+from workers.settings import SettingsError, bind_address, positive_int, run_dir
+from workers.shared.jsonlog import log_format
 
 env = os.environ
 
@@ -36,7 +36,7 @@ except SettingsError as exc:
 
 worker_class = "workers.heavy.HeavyWorker"
 proc_name = "heavyapp"
-logger_class = "workers.logs.HeavyLogger"
+logger_class = "workers.shared.logs.HeavyLogger"
 
 # Heartbeat files on a RAM disk: a slow or read-only disk must not make healthy workers look hung.
 if os.access("/dev/shm", os.W_OK):

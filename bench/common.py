@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from harness.server import GunicornServer
 from loadtest.closedloop import ClosedLoop, Report
 from loadtest.cpu import server_cpu_s, usable_cores
-from workers.launch import GunicornServer
 
 
 def machine_busy() -> float:

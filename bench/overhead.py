@@ -6,7 +6,7 @@ time comes from the worker processes' own /proc counters, so other load on the m
 the wall clock but not the figure. The two servers are loaded in turn, several rounds, their
 order swapped every round; the table gives the median of the per-round ratios.
 
-    .venv/bin/python bench/overhead.py [--rounds 5]
+    .venv/bin/python -m bench.overhead [--rounds 5]
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from common import Measurement, client_note, machine, measure, median, table, warm_up
-
+from bench.common import Measurement, client_note, machine, measure, median, table, warm_up
+from harness.server import GunicornServer, serving
 from loadtest.closedloop import ClosedLoop
-from loadtest.serving import serving
-from workers.launch import GunicornServer
 
 SERVERS = {
     "HeavyWorker": [],

@@ -9,9 +9,9 @@ the venv and point ``--h1c`` at it (only that server gets it, on its ``PYTHONPAT
 servers run at once, idle but for the one under load; each round loads them in turn (order
 reversed every other round) and the table gives the medians over the rounds.
 
-    .venv/bin/python bench/peers.py [--rounds 3 --duration 5]
+    .venv/bin/python -m bench.peers [--rounds 3 --duration 5]
     .venv/bin/pip install --target /tmp/h1c gunicorn_h1c   # optional: the fast parser too
-    .venv/bin/python bench/peers.py --h1c /tmp/h1c
+    .venv/bin/python -m bench.peers --h1c /tmp/h1c
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common import Measurement, client_note, machine, measure, median, table, warm_up
-
+from bench.common import Measurement, client_note, machine, measure, median, table, warm_up
+from harness.server import GunicornServer, ServerError, free_port, serving
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
-from loadtest.serving import serving
-from workers.launch import GunicornServer, ServerError, free_port
 
 BIN = Path(sys.executable).parent
 #: Path -> closed-loop clients: 4 on /heavy as in the original experiment; more on /healthz,

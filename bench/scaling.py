@@ -6,14 +6,14 @@ up to one per core, adds a whole single worker's throughput. The ceiling is core
 one request costs the server), the CPU cost read from the worker processes' /proc counters in the
 same run: no pool of processes can serve faster than the machine has CPU for.
 
-    .venv/bin/python bench/scaling.py [--duration 8]
+    .venv/bin/python -m bench.scaling [--duration 8]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import (
+from bench.common import (
     Measurement,
     client_note,
     machine,
@@ -23,11 +23,9 @@ from common import (
     table,
     warm_up,
 )
-
+from harness.server import GunicornServer, serving
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
-from loadtest.serving import serving
-from workers.launch import GunicornServer
 
 
 def run_pool(workers: int, duration: float) -> Measurement:

@@ -14,7 +14,7 @@ from heavyapp import chaos, metrics
 from heavyapp.settings import Settings
 from heavyapp.work import BadParameter, count, parse_count
 from workers import crashes
-from workers.env import worker_id
+from workers.settings import worker_id
 
 log = logging.getLogger("gunicorn.error")
 

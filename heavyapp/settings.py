@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workers.env import SettingsError, positive_int
+from workers.settings import SettingsError, positive_int
 
 
 @dataclass(frozen=True)

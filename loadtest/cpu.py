@@ -7,8 +7,8 @@ import contextlib
 
 import psutil
 
-from workers.launch import GunicornServer
-from workers.sizing import cpu_budget
+from harness.server import GunicornServer
+from workers.master.sizing import cpu_budget
 
 
 def usable_cores() -> int:

@@ -27,12 +27,11 @@ import locust  # before anything imports ssl: Locust monkey-patches the standard
 import psutil
 from locust.env import Environment
 
+from harness.server import REPO, GunicornServer, ServerError, serving
 from loadtest import report
 from loadtest.cpu import server_cpu_s
 from loadtest.results import Load, RunResult, Sample
-from loadtest.serving import serving
-from workers.launch import REPO, GunicornServer, ServerError
-from workers.sizing import CpuBudget, cpu_budget
+from workers.master.sizing import CpuBudget, cpu_budget
 
 LOCUSTFILE = REPO / "locustfile.py"
 SAMPLE_EVERY_S = 1.0

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from loadtest.results import Load, RunResult, Sample
 
 if TYPE_CHECKING:
-    from workers.sizing import CpuBudget
+    from workers.master.sizing import CpuBudget
 
 HEADERS = [
     "run",

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from workers.launch import GunicornServer
+from harness.server import GunicornServer
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from flask.testing import FlaskClient
 
 from heavyapp import create_app
 from heavyapp.settings import Settings
-from workers.env import SettingsError
+from workers.settings import SettingsError
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.launch import GunicornServer
+from harness.server import GunicornServer
 
 pytestmark = [pytest.mark.server, pytest.mark.cgroup]
 CPU_V1 = Path("/sys/fs/cgroup/cpu")

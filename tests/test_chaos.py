@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.server import GunicornServer
 from helpers import http_get, poll_until
 from loadtest.closedloop import ClosedLoop, Report
 from workers.crashes import read_journal
-from workers.launch import GunicornServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.server]
 Start = Callable[..., GunicornServer]

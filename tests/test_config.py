@@ -13,8 +13,8 @@ import pytest
 from gunicorn.ctl.client import ControlClient, ControlClientError
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.server import GunicornServer, ServerError, free_port
 from helpers import poll_until
-from workers.launch import GunicornServer, ServerError, free_port
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]

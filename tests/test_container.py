@@ -28,8 +28,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dockerkit
+from harness.server import free_port
 from helpers import http_get, poll_until
-from workers.launch import free_port
 
 # The first test to need the image pays for the base image (debootstrap, about 1-2 min on a cold
 # machine) and the build; everything inside has its own shorter bounds.

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import requests
 
+from harness.server import REPO, GunicornServer, free_port
 from helpers import poll_until
 from loadtest.answers import heavy_answer_problem
 from loadtest.balance import NO_ANSWER, WorkerTally, csv_path, format_table, read_csv, write_csv
 from loadtest.report import per_second, side_by_side
 from loadtest.results import RunResult, Sample
-from workers.launch import REPO, GunicornServer, free_port
-from workers.sizing import cpu_budget
+from workers.master.sizing import cpu_budget
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
 LOCUSTFILE = str(REPO / "locustfile.py")

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.server import GunicornServer
 from helpers import http_get, poll_until
-from workers import ctl, jsonlog, titles
-from workers.env import SettingsError, run_dir
-from workers.launch import GunicornServer
+from workers import ctl
+from workers.settings import SettingsError, run_dir
+from workers.shared import jsonlog, titles
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from workers import crashes
-from workers.roster import Backoff, Roster, classify
+from workers.master.roster import Backoff, Roster, classify
 
 
 def exited(code: int) -> int:

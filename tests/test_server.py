@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.server import GunicornServer
 from helpers import http_get, poll_until
-from workers.launch import GunicornServer
-from workers.sizing import cpu_budget
+from workers.master.sizing import cpu_budget
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]

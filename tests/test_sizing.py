@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.env import SettingsError
-from workers.sizing import CpuBudget, CpuQuota, cgroup_quota, worker_count
+from workers.master.sizing import CpuBudget, CpuQuota, cgroup_quota, worker_count
+from workers.settings import SettingsError
 
 V2_MOUNT = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
 V1_MOUNT = "32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness.server import GunicornServer
 from helpers import http_get, poll_until
-from workers import titles
 from workers.crashes import read_journal
-from workers.launch import GunicornServer
+from workers.shared import titles
 
 pytestmark = pytest.mark.server
 Start = Callable[..., GunicornServer]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workers.env import crash_log_path
+from workers.settings import crash_log_path
 
 Crash = dict[str, Any]
 CrashHook = Callable[[Crash], None]

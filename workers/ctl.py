@@ -26,9 +26,9 @@ from typing import Any
 import psutil
 from gunicorn.ctl.client import ControlClient, ControlClientError
 
-from workers import titles
 from workers.crashes import read_journal
-from workers.env import crash_log_path, run_dir
+from workers.settings import crash_log_path, run_dir
+from workers.shared import titles
 
 POLL = 0.1  # seconds between looks at the pool while waiting for a reload or a scale
 SEND_ATTEMPTS = 20  # tries of a control-socket command (POLL apart) before giving up

@@ -32,9 +32,9 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
-from workers import lastwords, titles
-from workers.env import positive_int, worker_id
-from workers.headwait import HeadWait, head_timeout
+from workers.gates.headwait import HeadWait, head_timeout
+from workers.settings import positive_int, worker_id
+from workers.shared import lastwords, titles
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _STACK_FRAMES = 12

@@ -7,8 +7,8 @@ import os
 
 from gunicorn import glogging
 
-from workers import jsonlog
-from workers.env import worker_id
+from workers.settings import worker_id
+from workers.shared import jsonlog
 
 #: Set in the master by ``on_starting``; a fork inherits it, so a worker can tell it is not it.
 MASTER_PID = 0

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from workers.env import run_dir
+from workers.settings import run_dir
 
 
 def folder() -> Path:

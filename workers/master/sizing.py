@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.env import positive_int
+from workers.settings import positive_int
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from workers.env import SettingsError, positive_int
+from workers.settings import SettingsError, positive_int
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from workers.board import Board
-from workers.env import positive_int
+from workers.settings import positive_int
+from workers.shared.board import Board
 
 FATAL_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGBUS, signal.SIGILL, signal.SIGABRT}
 GRACEFUL_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}

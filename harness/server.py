@@ -16,12 +16,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import psutil
 
-from workers import titles
+from workers.shared import titles
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_COMMAND = ["-c", "gunicorn_conf.py", "heavyapp:app"]
@@ -223,3 +224,13 @@ class GunicornServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"wanted {n} workers (not {sorted(exclude)}), have {pids}")
             time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def serving(server: GunicornServer) -> Iterator[GunicornServer]:
+    """Start ``server`` for the ``with`` block; on the way out, whatever happened, stop it and
+    remove its run directory."""
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()

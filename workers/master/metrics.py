@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
-from workers.env import SettingsError, run_dir
+from workers.settings import SettingsError, run_dir
 
 DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 #: Set once the directory is prepared; no metric may be created (or imported) before.

@@ -19,10 +19,12 @@ from typing import Any
 
 import gunicorn.arbiter
 
-from workers import crashes, lastwords, logs, metrics, titles
-from workers.env import WORKER_ID, SettingsError, claim_run_dir, run_dir
-from workers.roster import Backoff, Death, Member, Roster
-from workers.sizing import cpu_budget
+from workers import crashes
+from workers.master import metrics
+from workers.master.roster import Backoff, Death, Member, Roster
+from workers.master.sizing import cpu_budget
+from workers.settings import WORKER_ID, SettingsError, claim_run_dir, run_dir
+from workers.shared import lastwords, logs, titles
 
 ROSTER = Roster(Backoff())  # gunicorn_conf.py sets the backoff from the environment
 #: The master's lock on its run directory, held until it exits.

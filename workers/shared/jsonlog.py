@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from workers.env import SettingsError
+from workers.settings import SettingsError
 
 FORMATS = ("text", "json")
 
