@@ -1,22 +1,31 @@
-"""The application factory: routes, JSON errors and the worker headers on every response."""
+"""The application factory: the routes and the app's own JSON errors.
+
+The app knows nothing of the kit: any WSGI server runs it. Served by the kit, it also gets the
+worker headers, a journalled JSON 500 for a bug in a view and ``/metrics``
+(``workers/flask_ext.py`` attaches them to the loaded app).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-import traceback
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client import Histogram
 from werkzeug.exceptions import HTTPException
 
-from heavyapp import chaos, metrics
-from heavyapp.settings import Settings
+from heavyapp import chaos
+from heavyapp.settings import Settings, worker_id
 from heavyapp.work import BadParameter, count, parse_count
-from workers import crashes
-from workers.settings import worker_id
 
 log = logging.getLogger("gunicorn.error")
+
+WORK_SIZE = Histogram(
+    "heavyapp_heavy_work_size",
+    "n counted by GET /heavy (loop iterations).",
+    buckets=(1e3, 1e4, 1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7),
+)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -26,7 +35,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.chaos:
         log.warning("HEAVYAPP_CHAOS=1: /chaos/* endpoints are enabled; never do this in production")
         app.register_blueprint(chaos.bp)
-    metrics.instrument(app)
 
     @app.get("/heavy")
     def heavy() -> Response:
@@ -39,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         )
         started = time.perf_counter()
         total = count(n)
-        metrics.observe_work(n)
+        WORK_SIZE.observe(n)
         return jsonify(
             message=f"The result of the CPU intensive task is {total}",
             result=total,
@@ -60,27 +68,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 500
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
-        """A bug in a view: answer 500 JSON, log and journal the traceback once, keep the worker."""
-        log.exception("unhandled exception in %s %s", request.method, request.path)
-        crashes.record(
-            crashes.entry(
-                "exception",
-                os.getpid(),
-                int(worker_id()) if worker_id().isdigit() else None,
-                request=f"{request.method} {request.full_path.rstrip('?')}",
-                detail=repr(exc),
-                traceback=traceback.format_exc(),
-            )
-        )
-        return jsonify(error="internal error; the traceback is in the server log"), 500
-
-    @app.after_request
-    def worker_headers(response: Response) -> Response:
-        response.headers["X-Worker-Pid"] = str(os.getpid())
-        response.headers["X-Worker-Id"] = worker_id()
-        return response
 
     return app

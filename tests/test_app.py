@@ -1,18 +1,23 @@
-"""The Flask app through its test client: answers, headers and every kind of bad input."""
+"""The Flask app through its test client: answers, headers and every kind of bad input.
+
+The app stands alone; the client here has the kit's Flask side attached, as a kit worker does."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 from flask.testing import FlaskClient
 
 from heavyapp import create_app
-from heavyapp.settings import Settings
-from workers.settings import SettingsError
+from heavyapp.settings import Settings, SettingsError
+from workers.flask_ext import init_app
 
 
 @pytest.fixture
 def client() -> FlaskClient:
-    return create_app(Settings(default_n=1000, max_n=100_000, chaos=False)).test_client()
+    return init_app(create_app(Settings(default_n=1000, max_n=100_000, chaos=False))).test_client()
 
 
 def test_heavy_counts_to_n(client: FlaskClient) -> None:
@@ -85,7 +90,8 @@ def test_bad_settings_are_refused(env: dict[str, str], says: str) -> None:
 
 
 def test_chaos_parameters_are_checked_and_named() -> None:
-    chaotic = create_app(Settings(default_n=1000, max_n=100_000, chaos=True)).test_client()
+    chaotic = init_app(create_app(Settings(default_n=1000, max_n=100_000, chaos=True)))
+    chaotic = chaotic.test_client()
     resp = chaotic.post("/chaos/leak?mb=5000")
     assert resp.status_code == 400
     assert resp.get_json()["error"] == "mb=5000 is above the maximum 4096"
@@ -93,3 +99,23 @@ def test_chaos_parameters_are_checked_and_named() -> None:
         "seconds must be a non-negative integer"
         in chaotic.post("/chaos/hang?seconds=x").get_json()["error"]
     )
+
+
+def test_the_app_stands_alone_without_the_kit() -> None:
+    """Any WSGI server can run it: importing the app imports nothing of ``workers``."""
+    code = (
+        "import sys, heavyapp; "
+        "kit = sorted(m for m in sys.modules if m.split('.')[0] == 'workers'); "
+        "print(kit); "
+        "c = heavyapp.app.test_client(); r = c.get('/heavy?n=5'); "
+        "assert r.get_json()['result'] == 5 and 'X-Worker-Pid' not in r.headers"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_kit_attaches_once() -> None:
+    app = create_app(Settings(default_n=1, max_n=10, chaos=False))
+    init_app(init_app(app))
+    assert len(app.after_request_funcs[None]) == 1

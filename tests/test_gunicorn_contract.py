@@ -10,21 +10,23 @@ import inspect
 from gunicorn import arbiter, util
 from gunicorn.workers import base, sync
 
+from workers import gunicorn_internals as internals
+
 
 def source(obj: object) -> str:
     return inspect.getsource(obj)  # type: ignore[arg-type]
 
 
 def test_reaping_goes_through_the_arbiter_modules_os() -> None:
-    """workers/lifecycle.py reads exit statuses by standing in for ``gunicorn.arbiter.os``."""
-    assert arbiter.os.__name__ == "os" or hasattr(arbiter.os, "statuses")
+    """``ExitStatuses`` reads exit statuses by standing in for ``gunicorn.arbiter.os``."""
+    assert arbiter.os.__name__ == "os" or isinstance(arbiter.os, internals.ExitStatuses)
     reap = source(arbiter.Arbiter.reap_workers)
     assert "os.waitpid(-1, os.WNOHANG)" in reap
     assert reap.index("os.waitpid") < reap.index("self.cfg.child_exit(self, worker)")
 
 
 def test_scale_down_retires_the_lowest_age_first() -> None:
-    """workers/lifecycle.nworkers_changed points the scale-down at the highest ids by age."""
+    """``retire_first`` points the scale-down at the highest ids by lowering their age."""
     manage = source(arbiter.Arbiter.manage_workers)
     assert "key=lambda w: w[1].age" in manage and "workers.pop(0)" in manage
 
@@ -34,7 +36,7 @@ def test_the_num_workers_setter_calls_nworkers_changed() -> None:
 
 
 def test_error_answers_are_written_by_util_write_error() -> None:
-    """workers/heavy.py swaps ``util.write_error`` for a JSON writer."""
+    """``answer_errors_with`` swaps ``util.write_error`` for a JSON writer."""
     assert "util.write_error(client, status_int, reason, mesg)" in source(base.Worker.handle_error)
     assert inspect.signature(util.write_error).parameters.keys() == {
         "sock",
@@ -53,3 +55,31 @@ def test_a_timeout_abort_is_caught_by_the_request_error_handler() -> None:
 def test_a_worker_gets_half_the_timeout_as_its_heartbeat_period() -> None:
     """workers/heavy.py keeps the head wait below ``worker.timeout``."""
     assert "self.timeout / 2.0" in source(arbiter.Arbiter.spawn_worker)
+
+
+def test_the_control_socket_is_set_up_from_cfg_after_when_ready() -> None:
+    """``move_control_socket`` changes the setting in ``when_ready``, before the socket exists."""
+    assert "self.cfg.when_ready(self)" in source(arbiter.Arbiter.start)
+    run = source(arbiter.Arbiter.run)
+    assert run.index("self.start()") < run.index("self._start_control_server()")
+    assert "self.cfg.control_socket" in source(arbiter.Arbiter._get_control_socket_path)
+
+
+def test_a_reexec_exports_the_old_masters_pid() -> None:
+    """``is_reexec`` tells a USR2 child by the variable Gunicorn sets for it."""
+    assert "GUNICORN_PID" in source(arbiter.Arbiter.reexec)
+
+
+def test_exit_statuses_keep_only_workers_and_each_is_taken_once() -> None:
+    """As PID 1 the master reaps orphans too: their statuses must not pile up."""
+
+    class FakeOs:
+        def __init__(self) -> None:
+            self.reaped = [(41, 9), (42, 256), (0, 0)]
+
+        def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+            return self.reaped.pop(0)
+
+    statuses = internals.ExitStatuses(FakeOs(), lambda pid: pid == 42)
+    assert [statuses.waitpid(-1, 0) for _ in range(3)] == [(41, 9), (42, 256), (0, 0)]
+    assert statuses.statuses == {42: 256}

@@ -10,6 +10,7 @@ import pytest
 
 from workers import crashes
 from workers.master.roster import Backoff, Roster, classify
+from workers.settings import Settings
 
 
 def exited(code: int) -> int:
@@ -45,9 +46,10 @@ def test_backoff_grows_then_caps() -> None:
     assert [backoff.delay(k) for k in range(1, 7)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
 
 
-def test_backoff_from_env() -> None:
+def test_backoff_from_settings() -> None:
     env = {"HEAVYAPP_BACKOFF_BASE_MS": "200", "HEAVYAPP_BACKOFF_MAX_MS": "1000"}
-    assert Backoff.from_env(env) == Backoff(base=0.2, cap=1.0, reset_after=30.0)
+    settings = Settings.from_env(env)
+    assert Backoff.from_settings(settings) == Backoff(base=0.2, cap=1.0, reset_after=30.0)
 
 
 def test_ids_are_lowest_free_and_replacements_inherit() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers.master.sizing import CpuBudget, CpuQuota, cgroup_quota, worker_count
-from workers.settings import SettingsError
+from workers.settings import Settings, SettingsError
 
 V2_MOUNT = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
 V1_MOUNT = "32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
@@ -91,10 +91,10 @@ def test_source_names_the_binding_limit() -> None:
     ],
 )
 def test_worker_count(env: dict[str, str], expected: int) -> None:
-    assert worker_count(env, budget(4, None)) == expected
+    assert worker_count(Settings.from_env(env), budget(4, None)) == expected
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
 def test_bad_web_concurrency_is_refused(bad: str) -> None:
     with pytest.raises(SettingsError, match="WEB_CONCURRENCY"):
-        worker_count({"WEB_CONCURRENCY": bad}, budget(4, None))
+        worker_count(Settings.from_env({"WEB_CONCURRENCY": bad}), budget(4, None))

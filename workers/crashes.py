@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workers.settings import crash_log_path
+from workers.settings import Settings
 
 Crash = dict[str, Any]
 CrashHook = Callable[[Crash], None]
@@ -77,7 +77,7 @@ def remove_crash_hook(hook: CrashHook) -> None:
 def record(crash: Crash, journal: Path | None = None) -> Crash:
     """Stamp, append to the journal as one line, and hand to every hook."""
     crash = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **crash}
-    path = journal or crash_log_path()
+    path = journal or Settings.from_env().crash_log_path()
     line = (json.dumps(crash, default=str) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def record(crash: Crash, journal: Path | None = None) -> Crash:
 
 def read_journal(path: Path | None = None, last: int | None = None) -> list[Crash]:
     """The journal's entries, oldest first (the last ``last`` of them if given)."""
-    path = path or crash_log_path()
+    path = path or Settings.from_env().crash_log_path()
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:

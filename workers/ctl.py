@@ -27,8 +27,9 @@ import psutil
 from gunicorn.ctl.client import ControlClient, ControlClientError
 
 from workers.crashes import read_journal
-from workers.settings import crash_log_path, run_dir
+from workers.settings import RUN_DIR, Settings
 from workers.shared import titles
+from workers.shared.exits import ExitCause
 
 POLL = 0.1  # seconds between looks at the pool while waiting for a reload or a scale
 SEND_ATTEMPTS = 20  # tries of a control-socket command (POLL apart) before giving up
@@ -55,11 +56,12 @@ class Server:
             return cls(Path(run_dir_opt) if run_dir_opt else sock.parent, sock, "--socket")
         if run_dir_opt:
             return cls(Path(run_dir_opt), Path(run_dir_opt) / "gunicorn.ctl", "--run-dir")
+        settings = Settings.from_env()
         if bind_opt:
-            where = run_dir(bind=bind_opt)
+            where = settings.run_dir(bind=bind_opt)
             return cls(where, where / "gunicorn.ctl", "--bind")
-        found_by = "HEAVYAPP_RUN_DIR" if os.environ.get("HEAVYAPP_RUN_DIR") else "HOST/PORT/BIND"
-        where = run_dir()
+        found_by = RUN_DIR if settings.run_dir_path else "HOST/PORT/BIND"
+        where = settings.run_dir()
         return cls(where, where / "gunicorn.ctl", found_by)
 
     def send(self, command: str, *, retry: bool = True) -> dict[str, Any]:
@@ -103,7 +105,7 @@ class Server:
             return {"generation": 0, "slots": {}}
 
     def crash_log(self) -> Path:
-        return crash_log_path({**os.environ, "HEAVYAPP_RUN_DIR": str(self.run_dir)})
+        return Settings.from_env({**os.environ, RUN_DIR: str(self.run_dir)}).crash_log_path()
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -345,7 +347,7 @@ def scale(server: Server, spec: str, timeout: float) -> dict[str, Any]:
 
 def render_crash(c: dict[str, Any]) -> str:
     how = f"signal {c['signal']}" if c.get("signal") else f"exit code {c.get('exit_code')}"
-    if c.get("cause") == "exception":
+    if c.get("cause") == ExitCause.EXCEPTION:
         how = "answered 500"
     parts = [
         c.get("time", "?"),

@@ -25,24 +25,20 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
-from workers.gates.headwait import HeadWait, head_timeout
-from workers.settings import positive_int, worker_id
+from workers import gunicorn_internals as internals
+from workers.gates.headwait import HeadWait
+from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
+from workers.shared.exits import ExitCause
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _STACK_FRAMES = 12
-
-
-def max_rss_mb(env: Mapping[str, str] = os.environ) -> int | None:
-    """The memory cap, ``HEAVYAPP_MAX_RSS_MB`` (checked by the config at start)."""
-    return positive_int(env, "HEAVYAPP_MAX_RSS_MB", None)
 
 
 def resident_mb() -> float:
@@ -54,9 +50,10 @@ def resident_mb() -> float:
 def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
     """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's.
 
-    Gunicorn answers an unknown transfer coding with 501; it is the client's input, so 400.
+    Gunicorn answers an unknown transfer coding with 501 and a ``SCRIPT_NAME`` header that does
+    not prefix the path with 500 "Bad Request"; both are the client's input, so 400.
     """
-    if status == 501:
+    if status == 501 or (status == 500 and reason == "Bad Request"):
         status, reason = 400, "Bad Request"
     body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason}).encode()
     head = (
@@ -71,9 +68,9 @@ def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -
 class HeavyWorker(SyncWorker):
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
-        util.write_error = write_json_error  # only Worker.handle_error calls it
-        self.max_rss_mb = max_rss_mb()
-        self.head_wait = HeadWait(self.cfg, head_timeout(os.environ, self.cfg.timeout))
+        internals.answer_errors_with(write_json_error)
+        self.settings = Settings.from_env()
+        self.head_wait = HeadWait(self.cfg, self.settings.head_deadline)
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -86,7 +83,7 @@ class HeavyWorker(SyncWorker):
                 self.nr,
                 self.exit_reason,
             )
-        if self.exit_reason == "timeout":
+        if self.exit_reason == ExitCause.TIMEOUT:
             # Gunicorn's handle_abort exits 1, but the request's error handler catches that
             # SystemExit to answer the client; keep the exit code an operator expects.
             sys.exit(1)
@@ -95,8 +92,21 @@ class HeavyWorker(SyncWorker):
         """Gunicorn's handlers first, then ``faulthandler`` on top: it dumps the traceback of a
         fatal signal (SIGABRT included) and then chains to the handler that was there before."""
         super().init_signals()
-        self._fault_file = lastwords.fault_file(self.pid)
+        self._fault_file = lastwords.fault_file(self.settings.run_dir(), self.pid)
         faulthandler.enable(file=self._fault_file, all_threads=True)
+
+    def load_wsgi(self) -> None:
+        """Load the app, and attach the kit's Flask side to it if it is a Flask app.
+
+        Imported here, in the worker: ``prometheus_client`` must not be imported in the master
+        before the metrics directory is set (``workers/master/metrics.py``)."""
+        super().load_wsgi()
+        from flask import Flask
+
+        from workers import flask_ext
+
+        if isinstance(self.wsgi, Flask):
+            flask_ext.init_app(self.wsgi)
 
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)
@@ -133,14 +143,14 @@ class HeavyWorker(SyncWorker):
         """Leave gracefully, after the answer is sent, when a recycle is due."""
         if not self.alive and self.nr >= self.max_requests:
             self.recycle(f"max_requests {self.max_requests} reached")
-        elif self.max_rss_mb and (rss := resident_mb()) > self.max_rss_mb:
-            self.recycle(f"rss {rss:.0f} MB above HEAVYAPP_MAX_RSS_MB={self.max_rss_mb}")
+        elif (cap := self.settings.max_rss_mb) and (rss := resident_mb()) > cap:
+            self.recycle(f"rss {rss:.0f} MB above HEAVYAPP_MAX_RSS_MB={cap}")
 
     def recycle(self, detail: str) -> None:
         self.alive = False
         self.exit_reason = f"recycle: {detail}"
         self.log.info("worker %s pid=%s recycling: %s", self.heavy.id, self.pid, detail)
-        lastwords.leave(self.pid, cause="recycle", detail=detail)
+        lastwords.leave(self.settings.run_dir(), self.pid, cause=ExitCause.RECYCLE, detail=detail)
 
     def handle_abort(self, sig: int, frame: FrameType | None) -> None:
         """Gunicorn's timeout (SIGABRT from the master): log the stuck request's stack, then go."""
@@ -162,10 +172,11 @@ class HeavyWorker(SyncWorker):
             where,
             stack,
         )
-        self.exit_reason = "timeout"
+        self.exit_reason = ExitCause.TIMEOUT
         lastwords.leave(
+            self.settings.run_dir(),
             self.pid,
-            cause="timeout",
+            cause=ExitCause.TIMEOUT,
             detail=f"in {where} after {ran:.1f}s",
             request=snapshot.request,
             traceback=stack,

@@ -1,91 +1,305 @@
-"""Reading settings from the environment: one place for the config, the app and heavyctl."""
+"""Every kit setting, declared once: its environment variable, type, default, bounds and doc.
+
+``Settings.from_env()`` reads them all into one frozen object, checking each value, so a bad one
+stops the server before the first fork with a message naming the variable. ``gunicorn_conf.py``
+assigns Gunicorn's settings from it; the master, the workers and heavyctl each read it once.
+``docs/configuration.md`` is generated from these declarations (``python -m workers.settings``),
+and a test fails when it is stale — the way Gunicorn's own settings page is built.
+
+This module and the app's own ``heavyapp/settings.py`` are the only readers of kit variables.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import stat
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class SettingsError(ValueError):
     """A setting has a value we refuse to start with; the message names the variable."""
 
 
-def positive_int(
-    env: Mapping[str, str], name: str, default: int | None, *, allow_zero: bool = False
-) -> int | None:
-    """``name`` from ``env`` as an integer >= 1 (>= 0 with ``allow_zero``), else ``default``."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+#: A worker's stable id, exported by the master just before it forks the worker (read by the app
+#: as pm2 apps read ``NODE_APP_INSTANCE``).
+WORKER_ID = "HEAVYAPP_WORKER_ID"
+#: The variables the master exports to its workers once it has settled them.
+RUN_DIR = "HEAVYAPP_RUN_DIR"
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    kind: str = "int",
+    minimum: float | None = 1,
+    choices: tuple[str, ...] = (),
+    shown: str | None = None,
+) -> Any:
+    """Declare one setting: a dataclass field whose metadata says how to read and document it.
+
+    ``kind`` is ``int``, ``seconds`` (a number > 0), ``text``, ``choice`` or ``path``;
+    ``shown`` is the default as the docs say it when it is computed.
+    """
+    meta = {"env": env, "doc": doc, "kind": kind, "minimum": minimum, "choices": choices}
+    return field(default=default, metadata={**meta, "shown": shown})
+
+
+def _parse(name: str, raw: str, meta: Mapping[str, Any]) -> Any:
+    kind, minimum = meta["kind"], meta["minimum"]
+    if kind in ("text", "path"):
+        return Path(raw) if kind == "path" else raw
+    if kind == "choice":
+        value = raw.lower()
+        if value not in meta["choices"]:
+            allowed = ", ".join(meta["choices"])
+            raise SettingsError(f"{name} must be one of {allowed}, got {value!r}")
+        return value
+    if kind == "seconds":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise SettingsError(f"{name} must be a positive number of seconds, got {raw}")
+        return value
     try:
-        value = int(raw)
+        number = int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value < (0 if allow_zero else 1):
-        floor = "zero or more" if allow_zero else "a positive integer"
-        raise SettingsError(f"{name} must be {floor}, got {value}")
-    return value
+    if minimum is not None and number < minimum:
+        floor = "zero or more" if minimum == 0 else "a positive integer"
+        raise SettingsError(f"{name} must be {floor}, got {number}")
+    return number
 
 
-#: A worker's stable id, set by the master just before it forks the worker.
-WORKER_ID = "HEAVYAPP_WORKER_ID"
+def read_fields(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
+    """The values of ``cls``'s declared settings found (non-empty) in ``env``, parsed."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if "env" not in f.metadata:
+            continue
+        raw = env.get(f.metadata["env"], "").strip()
+        if raw:
+            values[f.name] = _parse(f.metadata["env"], raw, f.metadata)
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The kit's settings; Gunicorn's conventional variables first, then the kit's own."""
+
+    web_concurrency: int | None = setting(
+        "WEB_CONCURRENCY",
+        None,
+        "worker count (Gunicorn's own convention); a negative or non-numeric value Gunicorn "
+        "itself refuses before any config file is read",
+        shown="usable CPUs times `HEAVYAPP_WORKERS_PER_CORE`",
+    )
+    workers_per_core: int = setting(
+        "HEAVYAPP_WORKERS_PER_CORE", 1, "CPU-bound work gains nothing from more workers than cores"
+    )
+    max_workers: int | None = setting(
+        "HEAVYAPP_MAX_WORKERS", None, "upper bound on the computed count", shown="none"
+    )
+    bind: str | None = setting(
+        "BIND",
+        None,
+        "Gunicorn bind address (one; `-b` may add more)",
+        kind="text",
+        shown="`HOST:PORT`",
+    )
+    host: str = setting(
+        "HOST",
+        "127.0.0.1",
+        "loopback by default, so a laptop never exposes the service; the container sets "
+        "`HOST=0.0.0.0`",
+        kind="text",
+    )
+    port: int = setting("PORT", 8000, "the port of the default bind")
+    timeout: int = setting("TIMEOUT", 30, "seconds before a silent worker is killed")
+    graceful_timeout: int = setting(
+        "GRACEFUL_TIMEOUT", 30, "seconds a stopping worker has to finish before it is killed"
+    )
+    max_requests: int = setting(
+        "MAX_REQUESTS", 0, "Gunicorn's planned recycling after N requests (0: never)", minimum=0
+    )
+    max_requests_jitter: int = setting(
+        "MAX_REQUESTS_JITTER", 0, "random extra requests before a recycle", minimum=0
+    )
+    log_level: str = setting("LOG_LEVEL", "info", "error log level (Gunicorn's)", kind="text")
+    log_format: str = setting(
+        "HEAVYAPP_LOG_FORMAT",
+        "text",
+        "`json`: one JSON object per log line",
+        kind="choice",
+        choices=("text", "json"),
+    )
+    run_dir_path: Path | None = setting(
+        RUN_DIR,
+        None,
+        "the control socket, worker state, metrics and crash journal of this server; "
+        "created 0700, refused if a symlink or another user's",
+        kind="path",
+        shown="`$XDG_RUNTIME_DIR` or `/tmp`, `/heavyapp-<host>-<port>` of the address really bound",
+    )
+    runtime_dir: Path | None = setting(
+        "XDG_RUNTIME_DIR",
+        None,
+        "where the default run directory is made",
+        kind="path",
+        shown="`/tmp`",
+    )
+    crash_log: Path | None = setting(
+        "HEAVYAPP_CRASH_LOG",
+        None,
+        "the crash journal",
+        kind="path",
+        shown="`$HEAVYAPP_RUN_DIR/crashes.jsonl`",
+    )
+    metrics_dir: Path | None = setting(
+        METRICS_DIR,
+        None,
+        "the metrics files of all workers, emptied at start",
+        kind="path",
+        shown="`$HEAVYAPP_RUN_DIR/metrics`",
+    )
+    head_timeout: float | None = setting(
+        "HEAVYAPP_HEAD_TIMEOUT",
+        None,
+        "seconds a client has to send its request head; more than half of `TIMEOUT` is refused",
+        kind="seconds",
+        shown="`5`, or half of `TIMEOUT` if less",
+    )
+    max_rss_mb: int | None = setting(
+        "HEAVYAPP_MAX_RSS_MB",
+        None,
+        "memory cap per worker, checked after each request",
+        shown="none",
+    )
+    backoff_base_ms: int = setting(
+        "HEAVYAPP_BACKOFF_BASE_MS", 500, "crash-loop restart delay after the second quick crash"
+    )
+    backoff_max_ms: int = setting("HEAVYAPP_BACKOFF_MAX_MS", 15_000, "longest crash-loop delay")
+    backoff_reset_ms: int = setting(
+        "HEAVYAPP_BACKOFF_RESET_MS", 30_000, "a worker that lived this long resets its id's delay"
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Every setting from ``env``, checked alone and against each other."""
+        settings = cls(**read_fields(cls, env))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        half = self.timeout / 2
+        if self.head_timeout is not None and self.head_timeout > half:
+            raise SettingsError(
+                f"HEAVYAPP_HEAD_TIMEOUT={self.head_timeout:g} must be at most half of the "
+                f"timeout ({self.timeout}s)"
+            )
+
+    # -- what follows from the values ---------------------------------------------------------
+
+    @property
+    def bind_address(self) -> str:
+        """``BIND`` if set, else ``HOST:PORT``; loopback by default."""
+        return self.bind or f"{self.host or '127.0.0.1'}:{self.port}"
+
+    @property
+    def head_deadline(self) -> float:
+        """Seconds for a request head: at most half of ``timeout`` (a worker's heartbeat period),
+        so the master never takes the wait for a hang."""
+        return self.head_timeout if self.head_timeout is not None else min(5, self.timeout / 2)
+
+    def run_dir(self, bind: str | None = None) -> Path:
+        """Where one server keeps its control socket, worker state, metrics and crash journal.
+
+        ``HEAVYAPP_RUN_DIR``, else one directory per bind address (``bind``, by default the
+        configured one), so servers side by side (tests!) never share one. The master exports
+        the directory it settled on, so its workers (and a heavyctl started from the same
+        shell) agree with it.
+        """
+        if self.run_dir_path:
+            return self.run_dir_path
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", bind or self.bind_address).strip("-")
+        return (self.runtime_dir or Path("/tmp")) / f"heavyapp-{slug}"
+
+    def crash_log_path(self) -> Path:
+        return self.crash_log or self.run_dir() / "crashes.jsonl"
+
+    def metrics_path(self) -> Path:
+        return self.metrics_dir or self.run_dir() / "metrics"
 
 
 def worker_id() -> str:
-    """This worker's stable id as text: ``""`` outside a kit worker (say, Flask's test client)."""
+    """This worker's stable id as text: ``""`` outside a kit worker."""
     return os.environ.get(WORKER_ID, "")
 
 
-def bind_address(env: Mapping[str, str] = os.environ) -> str:
-    """``BIND`` if set, else ``HOST:PORT``; loopback by default so a laptop never exposes it."""
-    if env.get("BIND"):
-        return env["BIND"]
-    port = positive_int(env, "PORT", 8000)
-    return f"{env.get('HOST') or '127.0.0.1'}:{port}"
+def export(name: str, value: str) -> None:
+    """Hand a value the master settled to the workers it forks from now on (and to itself)."""
+    os.environ[name] = value
 
 
-def run_dir(env: Mapping[str, str] = os.environ, bind: str | None = None) -> Path:
-    """Where one server keeps its control socket, worker state, metrics and crash journal.
-
-    ``HEAVYAPP_RUN_DIR``, else one directory per bind address (``bind``, by default the one
-    the environment gives), so servers side by side (tests!) never share one. The master
-    exports the directory it settled on (``lifecycle.on_starting``), so its workers agree with
-    it; heavyctl computes it from the same variables, so a shell that started the server can
-    control it.
-    """
-    if env.get("HEAVYAPP_RUN_DIR"):
-        return Path(env["HEAVYAPP_RUN_DIR"])
-    base = env.get("XDG_RUNTIME_DIR") or "/tmp"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", bind or bind_address(env)).strip("-")
-    return Path(base) / f"heavyapp-{slug}"
+# -- the configuration reference ---------------------------------------------------------------
 
 
-def claim_run_dir(path: Path, *, private: bool) -> Path:
-    """Create ``path``, or refuse one that another user could have planted.
-
-    The default lives in a shared ``/tmp``: a directory or symlink put there by someone else
-    would get our control socket and have us delete files in it. The default is also made
-    ``private`` (0700); a directory the operator named keeps the mode they gave it.
-    """
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
-            raise SettingsError(
-                f"run directory {path} is a symlink or not owned by uid {os.geteuid()}"
-            )
-        if private:
-            path.chmod(0o700)
-    except OSError as exc:
-        raise SettingsError(f"run directory {path}: {exc.strerror or exc}") from None
-    return path
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata["shown"]:
+        return f.metadata["shown"]
+    return f"`{f.default}`" if f.default is not None else "none"
 
 
-def crash_log_path(env: Mapping[str, str] = os.environ) -> Path:
-    """The crash journal: ``HEAVYAPP_CRASH_LOG``, else ``crashes.jsonl`` in the run directory."""
-    if env.get("HEAVYAPP_CRASH_LOG"):
-        return Path(env["HEAVYAPP_CRASH_LOG"])
-    return run_dir(env) / "crashes.jsonl"
+def _rows(cls: type) -> Iterator[str]:
+    for f in dataclasses.fields(cls):
+        if "env" in f.metadata:
+            meta = f.metadata
+            allowed = f" (one of {', '.join(meta['choices'])})" if meta["choices"] else ""
+            yield f"| `{meta['env']}` | {_default_text(f)} | {meta['doc']}{allowed} |"
+
+
+def reference() -> str:
+    """``docs/configuration.md``: the kit's and the app's settings, from their declarations."""
+    from heavyapp.settings import Settings as AppSettings  # the kit may know the app, not back
+
+    head = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    return "\n".join(
+        [
+            "# Configuration",
+            "",
+            "<!-- Generated by `python -m workers.settings` from workers/settings.py and",
+            "     heavyapp/settings.py; tests/test_settings.py fails when this page is stale. -->",
+            "",
+            "Everything is read from the environment; `GUNICORN_CMD_ARGS` and command-line flags",
+            "still override Gunicorn's own settings, as Gunicorn documents. The master logs the",
+            "effective values as one line at start. A bad value stops the server before the first",
+            "worker forks: `heavyapp: refusing to start: <what is wrong>`.",
+            "",
+            "## The kit (`workers/settings.py`)",
+            "",
+            *head,
+            *_rows(Settings),
+            "",
+            "## The app (`heavyapp/settings.py`)",
+            "",
+            "Checked when the app is created: a bad value stops Gunicorn with the same message in",
+            "its traceback.",
+            "",
+            *head,
+            *_rows(AppSettings),
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())

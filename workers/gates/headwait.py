@@ -14,30 +14,10 @@ import contextlib
 import select
 import socket
 import time
-from collections.abc import Mapping
 from typing import Any
-
-from workers.settings import SettingsError, positive_int
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024
-
-
-def head_timeout(env: Mapping[str, str], timeout: int) -> float:
-    """Seconds a client has to send its request head: ``HEAVYAPP_HEAD_TIMEOUT``, else 5.
-
-    At most half of Gunicorn's ``timeout`` (a worker's heartbeat period), so the master never
-    takes the wait for a hang: the default shrinks to fit, an explicit value is refused.
-    """
-    half = timeout / 2 if timeout > 0 else None
-    explicit = positive_int(env, "HEAVYAPP_HEAD_TIMEOUT", None)
-    if explicit is None:
-        return min(5, half) if half else 5
-    if half and explicit > half:
-        raise SettingsError(
-            f"HEAVYAPP_HEAD_TIMEOUT={explicit} must be at most half of the timeout ({timeout}s)"
-        )
-    return explicit
 
 
 def largest_head(cfg: Any) -> int:

@@ -5,30 +5,30 @@ just after the fork). The master logs the CPU count and its pid at start, each w
 starts, and for each death "worker pid=X died (signal NAME | exit code N)" with the cause, then
 "Starting another worker" for the replacement; planned exits (reload, scale-down, recycling,
 shutdown) are logged as such, not as deaths.
+
+The master's state (the roster of ids, the run directory's lock, its metrics) is one ``Master``
+object kept on Gunicorn's arbiter, so it outlives a HUP, which re-reads this configuration.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
-import gunicorn.arbiter
+from gunicorn.arbiter import Arbiter
 
 from workers import crashes
-from workers.master import metrics
+from workers import gunicorn_internals as internals
+from workers.master import rundir
+from workers.master.metrics import MasterMetrics
 from workers.master.roster import Backoff, Death, Member, Roster
 from workers.master.sizing import cpu_budget
-from workers.settings import WORKER_ID, SettingsError, claim_run_dir, run_dir
-from workers.shared import lastwords, logs, titles
-
-ROSTER = Roster(Backoff())  # gunicorn_conf.py sets the backoff from the environment
-#: The master's lock on its run directory, held until it exits.
-_RUN_DIR_LOCK: int | None = None
+from workers.settings import RUN_DIR, WORKER_ID, Settings, SettingsError, export
+from workers.shared import lastwords, titles
+from workers.shared.exits import ExitCause
 
 #: Settings shown in the one-line effective configuration at start.
 SHOWN_SETTINGS = (
@@ -49,58 +49,41 @@ SHOWN_SETTINGS = (
     "reuse_port",
 )
 
-HINTS = {
-    "killed": "SIGKILL comes from the kernel's OOM killer (check dmesg and memory limits) "
-    "or from an operator",
-    "timeout": "the request ran past Gunicorn's timeout; its stack is logged above",
-    "fatal-signal": "a crash in C code or the interpreter; the traceback follows",
-    "exit": "the process called exit with a non-zero code",
-}
+
+class Master:
+    """What the master keeps between hooks: settings, the roster, its lock, its metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.roster = Roster(Backoff.from_settings(settings))
+        self.run_dir_lock: int | None = None  # fd of master.lock, held until the master exits
+        self.metrics: MasterMetrics | None = None  # once the metrics directory is ready
+
+    @classmethod
+    def of(cls, server: Arbiter) -> Master:
+        """The arbiter's ``Master``, made on first use."""
+        if not hasattr(server, "heavy"):
+            server.heavy = cls(Settings.from_env())
+        return server.heavy
+
+    def members(self, server: Arbiter) -> dict[int, Member]:
+        return {pid: w.heavy for pid, w in server.WORKERS.items() if hasattr(w, "heavy")}
+
+    def retitle(self, server: Arbiter) -> None:
+        titles.master(server.num_workers, ",".join(server.cfg.bind))
+
+    def save_state(self, server: Arbiter) -> None:
+        """Write the per-id history where heavyctl reads it (atomically: it may read any time)."""
+        state = {"master_pid": server.pid, "bind": server.cfg.bind, **self.roster.state()}
+        path = self.settings.run_dir() / "roster.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
 
 
-class _ExitStatuses:
-    """Gunicorn reaps workers with ``os.waitpid`` but passes ``child_exit`` no exit status.
-
-    Standing in for the ``os`` module inside ``gunicorn.arbiter`` only, this keeps the status
-    of each reaped pid for ``child_exit`` and changes nothing else.
-    """
-
-    def __init__(self, real_os: Any) -> None:
-        self._os = real_os
-        self.statuses: dict[int, int] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._os, name)
-
-    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
-        wpid, status = self._os.waitpid(pid, options)
-        if wpid:
-            self.statuses[wpid] = status
-        return wpid, status
-
-
-def _members(server: gunicorn.arbiter.Arbiter) -> dict[int, Member]:
-    return {pid: w.heavy for pid, w in server.WORKERS.items() if hasattr(w, "heavy")}
-
-
-def _retitle_master(server: gunicorn.arbiter.Arbiter) -> None:
-    bind = ",".join(server.cfg.bind)
-    titles.master(server.num_workers, bind)
-
-
-def _save_state(server: gunicorn.arbiter.Arbiter) -> None:
-    """Write the per-id history where heavyctl reads it (atomically: it may read at any time)."""
-    state = {"master_pid": server.pid, "bind": server.cfg.bind, **ROSTER.state()}
-    path = run_dir() / "roster.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
-
-
-def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
-    logs.MASTER_PID = os.getpid()
-    if not isinstance(gunicorn.arbiter.os, _ExitStatuses):
-        gunicorn.arbiter.os = _ExitStatuses(gunicorn.arbiter.os)
+def on_starting(server: Arbiter) -> None:
+    Master.of(server)
+    internals.record_exit_statuses(server)
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
@@ -108,25 +91,26 @@ def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     server.log.info("Primary pid=%d, starting %d workers", server.pid, server.num_workers)
 
 
-def when_ready(server: gunicorn.arbiter.Arbiter) -> None:
+def when_ready(server: Arbiter) -> None:
     """Bound, no worker forked yet: settle this server's run directory, then say so.
 
     Here and not at start, so a second master that cannot bind the same address never touches
     the running one's files, and a ``-b :0`` is known by the port it really got.
     """
-    fresh = "GUNICORN_PID" not in os.environ  # a USR2 re-exec shares the old master's files
+    master = Master.of(server)
+    fresh = not internals.is_reexec()  # a USR2 re-exec shares the old master's files
     try:
-        _settle_run_dir(server, lock=fresh)
-        metrics.master_starting(server.num_workers, fresh=fresh)
+        _settle_run_dir(server, master, lock=fresh)
+        master.metrics = MasterMetrics.prepare(master.settings, server.num_workers, fresh=fresh)
     except SettingsError as exc:
         raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
     if fresh:
-        lastwords.prepare()
+        lastwords.prepare(master.settings.run_dir())
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
 
 
-def _bound_address(server: gunicorn.arbiter.Arbiter) -> str:
+def _bound_address(server: Arbiter) -> str:
     """The first address the master really listens on (the configured one under reuse_port)."""
     if not server.LISTENERS:
         return server.cfg.bind[0]
@@ -137,51 +121,44 @@ def _bound_address(server: gunicorn.arbiter.Arbiter) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _settle_run_dir(server: gunicorn.arbiter.Arbiter, lock: bool) -> None:
+def _settle_run_dir(server: Arbiter, master: Master, lock: bool) -> None:
     """The run directory of the address really bound (``-b`` may override the env's), locked
     against a second master, exported so the workers agree; the control socket follows it
     unless set explicitly."""
-    env_default = str(run_dir() / "gunicorn.ctl")
-    named = bool(os.environ.get("HEAVYAPP_RUN_DIR"))
-    where = claim_run_dir(run_dir(bind=_bound_address(server)), private=not named)
+    settings = master.settings
+    env_default = str(settings.run_dir() / "gunicorn.ctl")
+    named = settings.run_dir_path is not None
+    where = rundir.claim(settings.run_dir(bind=_bound_address(server)), private=not named)
     if lock:
-        _lock_run_dir(where)
-    os.environ["HEAVYAPP_RUN_DIR"] = str(where)
+        master.run_dir_lock = rundir.lock(where)
+    export(RUN_DIR, str(where))
+    master.settings = Settings.from_env()  # now with the run directory settled
     if server.cfg.control_socket == env_default:
-        server.cfg.set("control_socket", str(where / "gunicorn.ctl"))
+        internals.move_control_socket(server, str(where / "gunicorn.ctl"))
     server.log.info("run directory: %s (control socket, crash journal, metrics)", where)
 
 
-def _lock_run_dir(where: Path) -> None:
-    """Hold ``master.lock`` for the master's life: one master per run directory."""
-    global _RUN_DIR_LOCK
-    fd = os.open(where / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SettingsError(f"another master (pid {holder}) uses run directory {where}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _RUN_DIR_LOCK = fd
-
-
-def on_reload(server: gunicorn.arbiter.Arbiter) -> None:
+def on_reload(server: Arbiter) -> None:
     """A HUP: the new generation takes ids 0..W-1 again while the old one drains."""
-    ROSTER.generation += 1
+    master = Master.of(server)
+    master.settings = Settings.from_env()
+    master.roster.backoff = Backoff.from_settings(master.settings)
+    master.roster.generation += 1
     server.log.info(
-        "reload: generation %d starting, the old workers finish their requests", ROSTER.generation
+        "reload: generation %d starting, the old workers finish their requests",
+        master.roster.generation,
     )
 
 
-def pre_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
-    member = ROSTER.admit(_members(server))
+def pre_fork(server: Arbiter, worker: Any) -> None:
+    master = Master.of(server)
+    member = master.roster.admit(master.members(server))
     worker.heavy = member
-    metrics.worker_starting(len(server.WORKERS) + 1)
-    _save_state(server)  # heavyctl's restart count includes this start
+    if master.metrics:
+        master.metrics.worker_starting(len(server.WORKERS) + 1)
+    master.save_state(server)  # heavyctl's restart count includes this start
     # Set in the master just before the fork, so the child has its id from its first line of log.
-    os.environ[WORKER_ID] = str(member.id)
+    export(WORKER_ID, str(member.id))
     if member.replaces:
         delay = (
             f", after a {member.restart_delay:.1f}s crash-loop delay"
@@ -195,10 +172,10 @@ def pre_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
             member.replaced_because,
             delay,
         )
-    _retitle_master(server)
+    master.retitle(server)
 
 
-def post_fork(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
+def post_fork(server: Arbiter, worker: Any) -> None:
     """In the child: say who it is, then sit out a crash-loop delay before serving."""
     member: Member = worker.heavy
     replaces = (
@@ -233,20 +210,24 @@ def _sit_out(worker: Any, member: Member) -> None:
         time.sleep(min(left, 0.5))
 
 
-def child_exit(server: gunicorn.arbiter.Arbiter, worker: Any) -> None:
+def child_exit(server: Arbiter, worker: Any) -> None:
     """In the master, after the worker was reaped: why did it go, and what did it leave."""
-    status = gunicorn.arbiter.os.statuses.pop(worker.pid, None)
-    words, fault = lastwords.collect(worker.pid)
-    death = ROSTER.release(worker.heavy, worker.pid, status, worker.aborted, words.get("cause"))
+    master = Master.of(server)
+    status = internals.exit_status(worker.pid)
+    words, fault = lastwords.collect(master.settings.run_dir(), worker.pid)
+    death = master.roster.release(
+        worker.heavy, worker.pid, status, worker.aborted, words.get("cause")
+    )
     _log_death(server, death, words, fault)
-    metrics.worker_left(worker.pid, death.cause, death.planned, len(server.WORKERS))
+    if master.metrics:
+        master.metrics.worker_left(worker.pid, death.cause, len(server.WORKERS))
     if not death.planned:
-        crashes.record(_crash_entry(death, words, fault))
-    _save_state(server)
-    _retitle_master(server)
+        crashes.record(_crash_entry(death, words, fault), master.settings.crash_log_path())
+    master.save_state(server)
+    master.retitle(server)
 
 
-def _log_death(server: gunicorn.arbiter.Arbiter, death: Death, words: dict, fault: str) -> None:
+def _log_death(server: Arbiter, death: Death, words: dict, fault: str) -> None:
     where = f", serving {death.request}" if death.request else ""
     facts = f"worker id {death.worker_id}, up {death.uptime:.1f}s, {death.requests} requests{where}"
     if death.planned:
@@ -260,14 +241,14 @@ def _log_death(server: gunicorn.arbiter.Arbiter, death: Death, words: dict, faul
             facts,
         )
         return
-    trace = f"\n{fault}" if fault and death.cause == "fatal-signal" else ""
+    trace = f"\n{fault}" if fault and death.cause == ExitCause.FATAL_SIGNAL else ""
     server.log.error(
         "worker pid=%d died (%s): %s; %s. Hint: %s%s",
         death.pid,
         death.status,
         death.cause,
         facts,
-        HINTS.get(death.cause, ""),
+        death.cause.hint,
         trace,
     )
 
@@ -287,22 +268,22 @@ def _crash_entry(death: Death, words: dict, fault: str) -> crashes.Crash:
     )
 
 
-def nworkers_changed(server: gunicorn.arbiter.Arbiter, new: int, old: int | None) -> None:
+def nworkers_changed(server: Arbiter, new: int, old: int | None) -> None:
     """On a scale-down, make the highest ids leave first so the ids stay dense.
 
-    Gunicorn retires the workers with the lowest ``age``; lowering the age of the leaving ones
-    is what points it at them.
+    Gunicorn also calls this before ``on_starting`` (the first count): nothing to do yet.
     """
+    if not hasattr(server, "heavy"):
+        return
+    master = Master.of(server)
     if old is not None and new < old:
-        members = _members(server)
-        leaving = ROSTER.retire(members.values(), new)
-        oldest = min((w.age for w in server.WORKERS.values()), default=0)
+        leaving = master.roster.retire(master.members(server).values(), new)
         going = [w for w in server.WORKERS.values() if getattr(w, "heavy", None) in leaving]
-        for rank, w in enumerate(going):
-            w.age = oldest - 1 - rank
-    metrics.target_changed(new)
-    _retitle_master(server)
+        internals.retire_first(server, going)
+    if master.metrics:
+        master.metrics.target_changed(new)
+    master.retitle(server)
 
 
-def on_exit(server: gunicorn.arbiter.Arbiter) -> None:
+def on_exit(server: Arbiter) -> None:
     server.log.info("Primary pid=%d exiting", server.pid)

@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from workers.settings import positive_int
+from workers.settings import Settings
 from workers.shared.board import Board
+from workers.shared.exits import ExitCause
 
 FATAL_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGBUS, signal.SIGILL, signal.SIGABRT}
 GRACEFUL_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
-PLANNED = {"reload", "scale-down", "recycle", "stopped"}
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,8 @@ class Backoff:
     reset_after: float = 30.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Backoff:
-        ms = {
-            name: positive_int(env, var, default)
-            for name, var, default in (
-                ("base", "HEAVYAPP_BACKOFF_BASE_MS", 500),
-                ("cap", "HEAVYAPP_BACKOFF_MAX_MS", 15_000),
-                ("reset_after", "HEAVYAPP_BACKOFF_RESET_MS", 30_000),
-            )
-        }
-        return cls(**{name: value / 1000 for name, value in ms.items()})
+    def from_settings(cls, s: Settings) -> Backoff:
+        return cls(s.backoff_base_ms / 1000, s.backoff_max_ms / 1000, s.backoff_reset_ms / 1000)
 
     def delay(self, streak: int) -> float:
         return 0.0 if streak <= 1 else min(self.cap, self.base * 2 ** (streak - 2))
@@ -59,7 +51,7 @@ class Member:
     generation: int
     started: float
     replaces: int | None
-    replaced_because: str | None
+    replaced_because: ExitCause | None
     restart_delay: float
     board: Board = field(repr=False)
     retiring: bool = False
@@ -73,8 +65,8 @@ class Slot:
     restarts: int = 0
     crashes: int = 0
     streak: int = 0
-    exit_cause: str | None = None  # why ``pid`` died, until a replacement is admitted
-    last_crash: str | None = None
+    exit_cause: ExitCause | None = None  # why ``pid`` died, until a replacement is admitted
+    last_crash: ExitCause | None = None
     last_crash_time: float | None = None
 
 
@@ -82,7 +74,7 @@ class Slot:
 class Death:
     pid: int
     worker_id: int
-    cause: str  # reload | scale-down | recycle | stopped | timeout | fatal-signal | killed | exit
+    cause: ExitCause
     exit_code: int | None
     signal: str | None
     uptime: float
@@ -91,7 +83,7 @@ class Death:
 
     @property
     def planned(self) -> bool:
-        return self.cause in PLANNED
+        return self.cause.planned
 
     @property
     def status(self) -> str:
@@ -100,24 +92,24 @@ class Death:
 
 def classify(
     status: int | None, *, aborted: bool, old_generation: bool, retiring: bool, reason: str | None
-) -> tuple[str, int | None, str | None]:
+) -> tuple[ExitCause, int | None, str | None]:
     """(cause, exit code, signal name) of a reaped worker; ``reason`` is its own last word."""
     code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
     sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
     name = signal.Signals(sig).name if sig else None
-    if aborted or reason == "timeout":
-        return "timeout", code, name
+    if aborted or reason == ExitCause.TIMEOUT:
+        return ExitCause.TIMEOUT, code, name
     if sig in FATAL_SIGNALS:
-        return "fatal-signal", code, name
+        return ExitCause.FATAL_SIGNAL, code, name
     if sig == signal.SIGKILL:
-        return "killed", code, name
+        return ExitCause.KILLED, code, name
     if code == 0 or sig in GRACEFUL_SIGNALS:
         if old_generation:
-            return "reload", code, name
+            return ExitCause.RELOAD, code, name
         if retiring:
-            return "scale-down", code, name
-        return ("recycle" if reason == "recycle" else "stopped"), code, name
-    return "exit", code, name
+            return ExitCause.SCALE_DOWN, code, name
+        return (ExitCause.RECYCLE if reason == ExitCause.RECYCLE else ExitCause.STOPPED), code, name
+    return ExitCause.EXIT, code, name
 
 
 class Roster:
@@ -141,10 +133,10 @@ class Roster:
         if slot.exit_cause is not None:
             replaces, because = slot.pid, slot.exit_cause
         elif older:
-            replaces, because = older[0], "reload"
+            replaces, because = older[0], ExitCause.RELOAD
         else:
             replaces, because = None, None
-        crashed = because is not None and because not in PLANNED
+        crashed = because is not None and not because.planned
         if replaces:
             slot.restarts += 1
         slot.exit_cause = None

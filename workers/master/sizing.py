@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.settings import positive_int
+from workers.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -142,15 +141,13 @@ def cpu_budget() -> CpuBudget:
     )
 
 
-def worker_count(env: Mapping[str, str], budget: CpuBudget) -> int:
+def worker_count(settings: Settings, budget: CpuBudget) -> int:
     """``WEB_CONCURRENCY`` if set; else usable CPUs x workers per core, capped, at least 1.
 
     CPU-bound work gains nothing from more workers than cores: they only queue on the CPU.
     """
-    explicit = positive_int(env, "WEB_CONCURRENCY", None)
-    if explicit is not None:
-        return explicit
-    per_core = positive_int(env, "HEAVYAPP_WORKERS_PER_CORE", 1)
-    cap = positive_int(env, "HEAVYAPP_MAX_WORKERS", None)
-    wanted = budget.usable * per_core
+    if settings.web_concurrency is not None:
+        return settings.web_concurrency
+    cap = settings.max_workers
+    wanted = budget.usable * settings.workers_per_core
     return max(1, min(wanted, cap) if cap else wanted)

@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
-
-from workers.settings import SettingsError
-
-FORMATS = ("text", "json")
-
-
-def log_format(env: Mapping[str, str] = os.environ) -> str:
-    """``HEAVYAPP_LOG_FORMAT``: ``text`` (the default) or ``json``."""
-    value = (env.get("HEAVYAPP_LOG_FORMAT") or "text").strip().lower()
-    if value not in FORMATS:
-        raise SettingsError(
-            f"HEAVYAPP_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {value!r}"
-        )
-    return value
 
 
 def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:

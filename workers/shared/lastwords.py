@@ -12,40 +12,37 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from workers.settings import run_dir
+
+def folder(run_dir: Path) -> Path:
+    path = run_dir / "workers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def folder() -> Path:
-    return run_dir() / "workers"
-
-
-def prepare() -> None:
+def prepare(run_dir: Path) -> None:
     """At master start: an empty folder, so no earlier server's leftovers are taken for ours."""
-    folder().mkdir(parents=True, exist_ok=True)
-    for leftover in folder().iterdir():
+    for leftover in folder(run_dir).iterdir():
         leftover.unlink(missing_ok=True)
 
 
-def fault_file(pid: int) -> IO[str]:
+def fault_file(run_dir: Path, pid: int) -> IO[str]:
     """Open the file ``faulthandler`` writes into; keep it open for the worker's whole life."""
-    folder().mkdir(parents=True, exist_ok=True)
-    return open(folder() / f"{pid}.fault", "w")
+    return open(folder(run_dir) / f"{pid}.fault", "w")
 
 
-def leave(pid: int, **words: Any) -> None:
+def leave(run_dir: Path, pid: int, **words: Any) -> None:
     """Write (replace) this worker's last words."""
-    folder().mkdir(parents=True, exist_ok=True)
-    tmp = folder() / f"{pid}.json.tmp"
+    tmp = folder(run_dir) / f"{pid}.json.tmp"
     tmp.write_text(json.dumps(words, default=str))
-    os.replace(tmp, folder() / f"{pid}.json")
+    os.replace(tmp, folder(run_dir) / f"{pid}.json")
 
 
-def collect(pid: int) -> tuple[dict[str, Any], str]:
+def collect(run_dir: Path, pid: int) -> tuple[dict[str, Any], str]:
     """Read and remove a dead worker's last words and fault traceback (either may be empty)."""
     words: dict[str, Any] = {}
     fault = ""
     for suffix in (".json", ".fault"):
-        path = folder() / f"{pid}{suffix}"
+        path = run_dir / "workers" / f"{pid}{suffix}"
         try:
             text = path.read_text()
             path.unlink()

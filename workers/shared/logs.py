@@ -7,27 +7,25 @@ import os
 
 from gunicorn import glogging
 
-from workers.settings import worker_id
+from workers.settings import Settings, worker_id
 from workers.shared import jsonlog
-
-#: Set in the master by ``on_starting``; a fork inherits it, so a worker can tell it is not it.
-MASTER_PID = 0
-
-
-def worker_tag() -> str:
-    """``master`` in the master, ``worker <id>`` in a worker (the id comes from the environment)."""
-    if MASTER_PID in (0, os.getpid()):  # 0: the master before on_starting ran
-        return "master"
-    return f"worker {worker_id() or '?'}"
 
 
 class _TagFilter(logging.Filter):
+    """Tags each record ``master`` in the master's process, ``worker <id>`` in a worker's.
+
+    The logger is set up in the master and inherited through the fork, so a process other than
+    the one that set it up is a worker (its id comes from the environment the master set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.master_pid = os.getpid()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.worker = worker_tag()
+        record.worker = (
+            "master" if os.getpid() == self.master_pid else f"worker {worker_id() or '?'}"
+        )
         return True
-
-
-_TAG = _TagFilter()
 
 
 class HeavyLogger(glogging.Logger):
@@ -38,9 +36,10 @@ class HeavyLogger(glogging.Logger):
 
     def setup(self, cfg) -> None:
         super().setup(cfg)
-        json_lines = jsonlog.log_format() == "json"
+        tag = _TagFilter()
+        json_lines = Settings.from_env().log_format == "json"
         for handler in self.error_log.handlers + self.access_log.handlers:
-            handler.addFilter(_TAG)
+            handler.addFilter(tag)
             if json_lines:
                 handler.setFormatter(jsonlog.JsonFormatter())
             elif handler.formatter and self.access_fmt == handler.formatter._fmt:

@@ -1,0 +1,115 @@
+"""The kit's Flask side, attached the way Flask extensions attach: ``init_app(app)``.
+
+It gives any Flask app served by the kit
+- ``X-Worker-Pid`` and ``X-Worker-Id`` on every response, so a client can tell who answered;
+- a JSON 500 for a bug in a view, its traceback logged once and journalled as a crash
+  (``workers/crashes.py``), and the worker kept (and JSON for HTTP errors the app does not
+  answer itself);
+- request counts and latencies by route, and ``GET /metrics`` summed over all workers.
+
+``HeavyWorker`` calls it on the app it loads, so ``heavyapp`` itself never imports the kit;
+calling it yourself as well changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+
+from flask import Blueprint, Flask, Response, g, jsonify, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from werkzeug.exceptions import HTTPException
+
+from workers import crashes
+from workers.settings import METRICS_DIR, worker_id
+
+log = logging.getLogger("gunicorn.error")
+EXTENSION = "heavyapp-kit"
+
+REQUESTS = Counter(
+    "heavyapp_http_requests_total",
+    "HTTP requests answered, by route and status code.",
+    ["endpoint", "status"],
+)
+LATENCY = Histogram(
+    "heavyapp_http_request_duration_seconds",
+    "Time from the app receiving a request to its response, by route.",
+    ["endpoint"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+bp = Blueprint("heavyapp_metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """The Prometheus text format: reads every worker's file, does no heavy work.
+
+    Requests are labelled by the Flask route (``/heavy``), never the raw path: a client sending
+    random paths must not create random time series.
+    """
+    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _registry() -> CollectorRegistry:
+    if not os.environ.get(METRICS_DIR):  # outside the kit: this process's metrics only
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def _request_started() -> None:
+    g.heavyapp_started = time.perf_counter()
+
+
+def _request_finished(response: Response) -> Response:
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUESTS.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+    if "heavyapp_started" in g:
+        LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - g.heavyapp_started)
+    response.headers["X-Worker-Pid"] = str(os.getpid())
+    response.headers["X-Worker-Id"] = worker_id()
+    return response
+
+
+def _unexpected(exc: Exception) -> tuple[Response, int]:
+    """A bug in a view: answer 500 JSON, log and journal the traceback once, keep the worker.
+    HTTP errors reach here only when the app has no handler of its own for them."""
+    if isinstance(exc, HTTPException):
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 500
+    log.exception("unhandled exception in %s %s", request.method, request.path)
+    wid = worker_id()
+    crashes.record(
+        crashes.entry(
+            "exception",
+            os.getpid(),
+            int(wid) if wid.isdigit() else None,
+            request=f"{request.method} {request.full_path.rstrip('?')}",
+            detail=repr(exc),
+            traceback=traceback.format_exc(),
+        )
+    )
+    return jsonify(error="internal error; the traceback is in the server log"), 500
+
+
+def init_app(app: Flask) -> Flask:
+    """Attach the kit to ``app`` (once; a second call is a no-op)."""
+    if EXTENSION in app.extensions:
+        return app
+    app.extensions[EXTENSION] = True
+    app.before_request(_request_started)
+    app.after_request(_request_finished)
+    app.register_error_handler(Exception, _unexpected)
+    app.register_blueprint(bp)
+    return app

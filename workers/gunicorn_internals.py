@@ -1,0 +1,93 @@
+"""Every place the kit reaches past Gunicorn's documented hooks and settings, in one module.
+
+Each function names what it stands in for and why no public way exists; each is checked by
+``tests/test_gunicorn_contract.py``, so a Gunicorn upgrade that moves one fails there first
+(pyproject pins ``gunicorn>=27,<28``). The design notes are in ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gunicorn.arbiter
+from gunicorn import util
+
+
+class ExitStatuses:
+    """Gunicorn reaps workers with ``os.waitpid`` but passes ``child_exit`` no exit status.
+
+    Standing in for the ``os`` module inside ``gunicorn.arbiter`` only (``reap_workers`` calls
+    ``os.waitpid(-1, WNOHANG)``), it keeps the status of each reaped *worker* until
+    ``child_exit`` takes it, and changes nothing else. Other children the master reaps (as PID 1
+    in a container it reaps orphans too) are not kept, so the table never grows.
+    """
+
+    def __init__(self, real_os: Any, is_worker: Callable[[int], bool]) -> None:
+        self._os = real_os
+        self._is_worker = is_worker
+        self.statuses: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._os, name)
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        wpid, status = self._os.waitpid(pid, options)
+        if wpid and self._is_worker(wpid):
+            self.statuses[wpid] = status
+        return wpid, status
+
+
+def record_exit_statuses(arbiter: gunicorn.arbiter.Arbiter) -> ExitStatuses:
+    """Install (once per master) the waitpid stand-in; it records ``arbiter``'s workers only."""
+    if not isinstance(gunicorn.arbiter.os, ExitStatuses):
+        gunicorn.arbiter.os = ExitStatuses(gunicorn.arbiter.os, lambda pid: pid in arbiter.WORKERS)
+    return gunicorn.arbiter.os
+
+
+def exit_status(pid: int) -> int | None:
+    """The ``waitpid`` status of a reaped worker, taken (each is read once, in ``child_exit``)."""
+    statuses = getattr(gunicorn.arbiter.os, "statuses", {})
+    return statuses.pop(pid, None)
+
+
+def answer_errors_with(writer: Callable[[Any, int, str, str], None]) -> None:
+    """Make ``Worker.handle_error`` write its 4xx answers with ``writer``.
+
+    Gunicorn has no setting or method for the shape of its own error answers: ``handle_error``
+    calls the module function ``util.write_error``. Called in a worker process only (after
+    the fork), so the master and other servers' workers are untouched.
+    """
+    util.write_error = writer
+
+
+def retire_first(arbiter: gunicorn.arbiter.Arbiter, leaving: Iterable[Any]) -> None:
+    """On a scale-down, make ``leaving`` the workers Gunicorn stops.
+
+    ``manage_workers`` stops the workers with the lowest ``age``; no hook chooses them, so the
+    leaving ones are given ages below every other's (ages are only compared, never shown).
+    """
+    oldest = min((w.age for w in arbiter.WORKERS.values()), default=0)
+    for rank, worker in enumerate(leaving):
+        worker.age = oldest - 1 - rank
+
+
+def move_control_socket(arbiter: gunicorn.arbiter.Arbiter, path: str) -> None:
+    """Point the control socket at the run directory settled after binding.
+
+    The socket is set up after ``when_ready`` from ``cfg.control_socket``; the setting is
+    changed in place because the bound address is only known in the master, after binding.
+    """
+    arbiter.cfg.set("control_socket", path)
+
+
+def is_reexec() -> bool:
+    """Is this master the child of a USR2 re-exec? Gunicorn exports the old master's pid then."""
+    return "GUNICORN_PID" in os.environ
+
+
+def listen_backlog(arbiter: gunicorn.arbiter.Arbiter) -> int:
+    """Connections waiting in the first listener's accept queue (Gunicorn's ``get_backlog``,
+    which reads ``TCP_INFO``; -1 where it cannot tell)."""
+    return arbiter.LISTENERS[0].get_backlog() if arbiter.LISTENERS else -1
