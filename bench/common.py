@@ -73,7 +73,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table (it goes into the README as printed)."""
+    """A markdown table (it goes into docs/benchmarks.md as printed)."""
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join(" --- " for _ in headers) + "|",

@@ -1,4 +1,5 @@
-"""Start a real Gunicorn master the way the README does, wait until it serves, stop it by pid.
+"""The one server harness: start a real Gunicorn master as the README does, wait until it serves,
+stop it by pid. Used by the tests, the benchmarks and the experiment; not shipped."""
 
 Used by the tests, the experiment and the benchmarks, so all of them measure the same server.
 """

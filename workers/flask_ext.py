@@ -31,7 +31,7 @@ from prometheus_client import (
 from werkzeug.exceptions import HTTPException
 
 from workers import crashes
-from workers.settings import METRICS_DIR, worker_id
+from workers.settings import Settings, worker_id
 
 log = logging.getLogger("gunicorn.error")
 EXTENSION = "heavyapp-kit"
@@ -62,7 +62,7 @@ def metrics() -> Response:
 
 
 def _registry() -> CollectorRegistry:
-    if not os.environ.get(METRICS_DIR):  # outside the kit: this process's metrics only
+    if Settings.from_env().metrics_dir is None:  # outside the kit: this process's metrics only
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
