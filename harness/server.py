@@ -1,7 +1,6 @@
 """The one server harness: start a real Gunicorn master as the README does, wait until it serves,
-stop it by pid. Used by the tests, the benchmarks and the experiment; not shipped."""
-
-Used by the tests, the experiment and the benchmarks, so all of them measure the same server.
+stop it by pid. Used by the tests, the benchmarks and the experiment, so all of them measure the
+same server; not shipped in the wheel or the image.
 """
 
 from __future__ import annotations
