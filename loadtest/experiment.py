@@ -145,7 +145,7 @@ def measure(
 # -- the command -------------------------------------------------------------------------------
 
 #: Chosen on 2 cores so that one worker falls behind the 1 s timeout and one per core does not;
-#: the arithmetic is in docs/loadtesting.md, "The experiment in one command" (one statement, one place).
+#: The arithmetic is in docs/loadtesting.md, "The experiment in one command" (one statement).
 #: The short mode (10 users) only checks the machinery.
 DEFAULTS = Load(users=32, spawn_rate=8, duration_s=30, heavy_n=1_000_000, timeout_s=1.0)
 SHORT = replace(DEFAULTS, users=10, spawn_rate=10, duration_s=4)

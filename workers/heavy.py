@@ -11,7 +11,8 @@ On top of the sync worker, each worker
 - has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
-- gives a client ``HEAVYAPP_HEAD_TIMEOUT`` seconds to send its request head (``headwait.py``);
+- lets a connection reach the app only through its gates (``workers/gates/``): the request head
+  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds;
 - answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
 """
 
@@ -32,6 +33,7 @@ from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
+from workers.gates import Gate, Refusal
 from workers.gates.headwait import HeadWait
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
@@ -47,7 +49,13 @@ def resident_mb() -> float:
         return int(statm.read().split()[1]) * _PAGE / 2**20
 
 
-def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -> None:
+def write_json_error(
+    sock: socket.socket,
+    status: int,
+    reason: str,
+    mesg: str,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> None:
     """``gunicorn.util.write_error`` with a JSON body and the worker headers, like the app's.
 
     Gunicorn answers an unknown transfer coding with 501 and a ``SCRIPT_NAME`` header that does
@@ -60,7 +68,9 @@ def write_json_error(sock: socket.socket, status: int, reason: str, mesg: str) -
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         f"X-Worker-Pid: {os.getpid()}\r\n"
-        f"X-Worker-Id: {worker_id()}\r\n\r\n"
+        f"X-Worker-Id: {worker_id()}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + "\r\n"
     )
     util.write_nonblock(sock, head.encode("latin1") + body)
 
@@ -70,7 +80,7 @@ class HeavyWorker(SyncWorker):
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         internals.answer_errors_with(write_json_error)
         self.settings = Settings.from_env()
-        self.head_wait = HeadWait(self.cfg, self.settings.head_deadline)
+        self.gates: list[Gate] = [HeadWait(self.cfg, self.settings.head_deadline)]
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -112,22 +122,24 @@ class HeavyWorker(SyncWorker):
         titles.serving(self.heavy.id, self.pid, self.nr)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
-        """Serve a connection once its request head is there; a 408 if it does not come in time
-        (``workers/headwait.py`` says why)."""
-        wait = self.head_wait
-        if not wait.applies_to(client) or wait.arrived(client):
-            self.notify()  # a slow head must not eat into the request's own time budget
-            super().handle(listener, client, addr)
-            return
-        self.log.warning(
-            "Invalid request from ip=%s: no complete request head within %gs",
-            addr[0] if isinstance(addr, tuple) else addr,
-            wait.seconds,
-        )
-        with contextlib.suppress(OSError):  # the client may be gone already
-            write_json_error(
-                client, 408, "Request Timeout", f"no complete request head within {wait.seconds:g}s"
-            )
+        """Serve a connection once it has passed every gate (``workers/gates/``)."""
+        for gate in self.gates:
+            refusal = gate.check(client, addr)
+            if refusal is not None:
+                self.refuse(client, refusal)
+                return
+        self.notify()  # a slow head must not eat into the request's own time budget
+        super().handle(listener, client, addr)
+
+    def refuse(self, client: socket.socket, refusal: Refusal) -> None:
+        """Answer for a gate (the client may be gone already: no error of its costs anything)."""
+        if refusal.warning:
+            self.log.warning("%s", refusal.warning)
+        if refusal.status:
+            with contextlib.suppress(OSError):
+                write_json_error(
+                    client, refusal.status, refusal.reason, refusal.message, refusal.headers
+                )
         util.close_graceful(client)
 
     def handle_request(self, listener, req, client, addr) -> None:

@@ -16,6 +16,8 @@ import socket
 import time
 from typing import Any
 
+from workers.gates import Refusal
+
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024
 
@@ -37,6 +39,16 @@ class HeadWait:
         self._buf = bytearray(largest_head(cfg) + 1)
         # TLS bytes and a PROXY v2 preamble (which starts with a blank line) hide the head.
         self._enabled = not cfg.is_ssl and cfg.proxy_protocol == "off"
+
+    def check(self, client: socket.socket, addr: Any) -> Refusal | None:
+        """A 408 for a client whose head is not whole within the deadline."""
+        if not self.applies_to(client) or self.arrived(client):
+            return None
+        message = f"no complete request head within {self.seconds:g}s"
+        ip = addr[0] if isinstance(addr, tuple) else addr
+        return Refusal(
+            408, "Request Timeout", message, warning=f"Invalid request from ip={ip}: {message}"
+        )
 
     def applies_to(self, client: socket.socket) -> bool:
         """TCP only: a unix socket is a local proxy's, and ``SO_RCVLOWAT`` does not apply."""
