@@ -44,6 +44,13 @@ def external(build: Callable[[int, int], list[str]]) -> Maker:
     return make
 
 
+def stock_gunicorn(port: int, workers: int) -> list[str]:
+    """Gunicorn with none of the kit: no config file, the stock sync worker."""
+    return [
+        str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app",
+    ]  # fmt: skip
+
+
 def granian(port: int, workers: int) -> list[str]:
     return [
         str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
@@ -59,10 +66,14 @@ def uwsgi(port: int, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
+#: The non-Gunicorn servers (the ``bench`` extra): name -> command line for (port, workers).
+PEERS = {"granian": granian, "uwsgi": uwsgi}
+
+
 def peers() -> tuple[dict[str, Maker], list[str]]:
-    """The non-Gunicorn servers (the ``bench`` extra) installed here, and a line for each not."""
+    """The ``PEERS`` installed here, and a line for each one that is not."""
     found, missing = {}, []
-    for name, build in (("granian", granian), ("uwsgi", uwsgi)):
+    for name, build in PEERS.items():
         if shutil.which(name, path=str(BIN)):
             found[name] = external(build)
         else:
