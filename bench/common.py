@@ -101,6 +101,13 @@ def machine_busy() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
+def others_share(busy_s: float, server_s: float, client_s: float, elapsed: float) -> float:
+    """Share of the usable cores that processes other than the server and the client took
+    during ``elapsed`` seconds in which the whole machine was busy ``busy_s`` CPU seconds."""
+    others = max(0.0, busy_s - server_s - client_s)
+    return others / (elapsed * usable_cores()) if elapsed else 0.0
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One load run against one server, with the CPU the server, the client and the rest used."""
@@ -120,8 +127,7 @@ class Measurement:
         other people's work on a shared machine, which the figures of this run had to live with.
         """
         r = self.report
-        others = self.machine_busy_s - self.server_cpu_s - r.client_cpu_s
-        return max(0.0, others) / (r.elapsed * r.cores) if r.elapsed else 0.0
+        return others_share(self.machine_busy_s, self.server_cpu_s, r.client_cpu_s, r.elapsed)
 
 
 def share_of_cpu_left(m: Measurement) -> float:

@@ -4,8 +4,9 @@ unusable after the load stops.
 
 A closed loop cannot overload a server (each client waits for its answer); this bench offers
 requests at a fixed rate with ``hey`` (loadtest/openloop.py: staggered processes, 1 s client
-timeout). Capacity is measured first, once, on the kit (``wrk``, a closed loop saturating it) and
-is the base for every server's multiples. Servers, each with one worker per usable core: the kit
+timeout). Capacity is measured first, once, on the kit (``wrk``, a closed loop saturating it;
+the best of a few short runs, as other people's work on a shared machine only ever lowers it)
+and is the base for every server's multiples. Servers, each with one worker per usable core: the kit
 with ``HEAVYAPP_QUEUE_TIMEOUT`` set (requests that waited longer get a 503; a kit without that
 setting ignores it), stock Gunicorn (no config, sync worker), Granian and uWSGI (the ``bench``
 extra). All run at once, idle but for the one under load; for each multiple the servers are
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 from bench.common import (
@@ -28,13 +30,16 @@ from bench.common import (
     external,
     kit,
     machine,
+    machine_busy,
+    others_share,
     peers,
     start_all,
     stock_gunicorn,
     table,
     warm_up,
 )
-from loadtest.cpu import usable_cores
+from harness.server import GunicornServer
+from loadtest.cpu import server_cpu_s, usable_cores
 from loadtest.openloop import OpenLoopResult, measure_capacity, open_loop, recovery_seconds
 
 PATH = "/heavy?n=1000000"
@@ -44,6 +49,8 @@ QUEUE_TIMEOUT = "0.5"
 RECOVERY_LIMIT = 90.0
 #: A server has drained its queue when /healthz answers this fast (seconds) again.
 DRAINED = 0.05
+#: Capacity: the best of this many wrk runs of this many seconds.
+CAPACITY_RUNS, CAPACITY_SECONDS = 3, 3
 
 
 def makers() -> tuple[dict[str, Maker], list[str]]:
@@ -59,12 +66,26 @@ def makers() -> tuple[dict[str, Maker], list[str]]:
 
 @dataclass(frozen=True)
 class Run:
-    """One server at one multiple of capacity: the load's result and the recovery after it."""
+    """One server at one multiple of capacity: the load's result, the share of the machine
+    other processes took meanwhile, and the recovery after it."""
 
     server: str
     multiple: float
     result: OpenLoopResult
+    others: float
     recovery: float
+
+
+def load(name: str, server: GunicornServer, multiple: float, rate: float, seconds: float) -> Run:
+    """Offer ``rate`` to ``server`` for ``seconds``, then wait until it has drained its queue."""
+    busy, cpu = machine_busy(), server_cpu_s(server)
+    result = open_loop(server.url + PATH, rate, seconds)
+    busy, cpu = machine_busy() - busy, server_cpu_s(server) - cpu
+    health = server.url + HEALTH
+    recovery = recovery_seconds(health, limit=RECOVERY_LIMIT)
+    recovery_seconds(health, within=DRAINED, limit=RECOVERY_LIMIT)
+    others = others_share(busy, cpu, result.client_cpu_s, result.elapsed)
+    return Run(name, multiple, result, others, recovery)
 
 
 def milliseconds(seconds: float) -> str:
@@ -92,6 +113,7 @@ def rows(runs: list[Run], capacity: float, order: list[str]) -> list[list[object
                 milliseconds(r.latency(50)),
                 milliseconds(r.latency(95)),
                 f"> {RECOVERY_LIMIT:.0f}" if math.isinf(run.recovery) else f"{run.recovery:.1f}",
+                f"{run.others:.0%}",
             ]
         )
     return out
@@ -121,30 +143,34 @@ def main() -> None:
         for server in servers.values():
             warm_up(server, "/heavy", clients=2 * n)
         base = servers.get("kit") or next(iter(servers.values()))
-        capacity = measure_capacity(base.url + PATH)
+        capacities = [
+            measure_capacity(base.url + PATH, seconds=CAPACITY_SECONDS)
+            for _ in range(CAPACITY_RUNS)
+        ]
+        capacity = max(capacities)
         for i, multiple in enumerate(multiples):
             for name, server in list(servers.items())[:: 1 if i % 2 == 0 else -1]:
-                result = open_loop(server.url + PATH, multiple * capacity, args.duration)
-                health = server.url + HEALTH
-                recovery = recovery_seconds(health, limit=RECOVERY_LIMIT)
-                recovery_seconds(health, within=DRAINED, limit=RECOVERY_LIMIT)
-                runs.append(Run(name, multiple, result, recovery))
+                runs.append(load(name, server, multiple, multiple * capacity, args.duration))
     headers = [
         "server", "multiple", "offered rps", "goodput rps", "goodput / capacity",
         "goodput vs kit", "refused (503)", "other status", "no answer", "median ms", "p95 ms",
-        "recovery s",
+        "recovery s", "others' CPU",
     ]  # fmt: skip
     print(table(headers, rows(runs, capacity, list(servers))))
     first = runs[0].result
     print(
-        f"\nCapacity {capacity:.1f} rps: `wrk -c 8` for 5 s against "
+        f"\nCapacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
+        f"({', '.join(f'{c:.1f}' for c in capacities)} rps) against "
         f"{'the kit' if 'kit' in servers else next(iter(servers))} ({n} workers), the base of "
         f"every multiple. Each run: {args.duration:g} s of arrivals from {first.processes} hey "
         f"processes started 1/{first.processes} s apart, client timeout {first.timeout} s. "
         f"Goodput: 2xx answered within the timeout per second. No answer: requests with no "
         f"response within the timeout (client timeouts and connection errors). Median and p95: "
         f"of the answers, served or refused. Recovery: from the end of the load until "
-        f"{HEALTH} answered within 1 s. The kit ran with HEAVYAPP_QUEUE_TIMEOUT={QUEUE_TIMEOUT}."
+        f"{HEALTH} answered within 1 s. Others' CPU: share of the {n} cores that processes "
+        f"other than the server and hey took during the run (a shared machine). The kit ran "
+        f"with HEAVYAPP_QUEUE_TIMEOUT={QUEUE_TIMEOUT}. Load average at the end: "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
     )
     for run in runs:
         if run.result.other:

@@ -33,6 +33,7 @@ import contextlib
 import csv
 import math
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -101,7 +102,9 @@ def parse_csv(text: str, process: int, started: float) -> list[Answer]:
 
 @dataclass(frozen=True)
 class OpenLoopResult:
-    """What one open-loop run offered and what came back; every figure from ``answers``."""
+    """What one open-loop run offered and what came back; every figure from ``answers``.
+    ``elapsed``: wall seconds of the run; ``client_cpu_s``: CPU seconds the hey processes used
+    (they share the machine with the server)."""
 
     rate: int
     duration: int
@@ -109,6 +112,8 @@ class OpenLoopResult:
     processes: int
     sent: int
     answers: tuple[Answer, ...]
+    elapsed: float
+    client_cpu_s: float
 
     @property
     def statuses(self) -> Counter[int]:
@@ -170,6 +175,7 @@ def open_loop(
     hey, shares = tool("hey"), split(rate, processes)
     running: list[tuple[subprocess.Popen[bytes], float, IO[str], IO[str]]] = []
     answers: list[Answer] = []
+    cpu_before = _children_cpu()
     with contextlib.ExitStack() as files:
         start = time.monotonic()
         try:
@@ -197,8 +203,17 @@ def open_loop(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+    elapsed, client_cpu_s = time.monotonic() - start, _children_cpu() - cpu_before
     answers.sort(key=lambda a: a.sent_at)
-    return OpenLoopResult(rate, seconds, timeout, len(shares), rate * seconds, tuple(answers))
+    return OpenLoopResult(
+        rate, seconds, timeout, len(shares), rate * seconds, tuple(answers), elapsed, client_cpu_s
+    )
+
+
+def _children_cpu() -> float:
+    """CPU seconds used by this process's children that have been waited for (the hey runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure_capacity(url: str, *, seconds: int = 5, connections: int = 8) -> float:
