@@ -175,7 +175,10 @@ def main() -> None:
     for run in runs:
         if run.result.other:
             statuses = dict(sorted(run.result.statuses.items()))
-            notes.append(f"{run.server} at {run.multiple:g}x: statuses {statuses}")
+            notes.append(
+                f"{run.server} at {run.multiple:g}x: {run.result.other} answers neither served "
+                f"within the timeout nor refused; statuses of all answers {statuses}"
+            )
     for note in notes:
         print(f"- {note}")
 

@@ -131,7 +131,8 @@ class OpenLoopResult:
 
     @property
     def other(self) -> int:
-        """Answers that are neither served in time nor refused."""
+        """Answers neither served in time nor refused: other statuses, and 2xx that came after
+        the timeout (hey's timer fires a few milliseconds late)."""
         return len(self.answers) - self.ok - self.refused
 
     @property
