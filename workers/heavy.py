@@ -39,7 +39,13 @@ from gunicorn.workers.sync import SyncWorker
 from workers import gunicorn_internals as internals
 from workers.gates import Gate, Refusal
 from workers.gates.body import BodyRead
-from workers.gates.deadline import SO_TIMESTAMPNS, DeadlineSocket, Refused, close_promptly
+from workers.gates.deadline import (
+    SO_TIMESTAMPNS,
+    DeadlineSocket,
+    Refused,
+    close_promptly,
+    peer_ip,
+)
 from workers.gates.headwait import HeadWait
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
@@ -174,9 +180,8 @@ class HeavyWorker(SyncWorker):
         if isinstance(exc, Refused):
             self.answer(client, exc.refusal)
         elif isinstance(exc, InvalidProxyHeader):
-            ip = addr[0] if isinstance(addr, tuple) else str(addr)
             message = f"Invalid PROXY protocol header: {exc}"
-            warning = f"Invalid request from ip={ip}: {message}"
+            warning = f"Invalid request from ip={peer_ip(addr)}: {message}"
             self.answer(client, Refusal(400, "Bad Request", message, warning=warning))
         else:
             super().handle_error(req, client, addr, exc)
@@ -184,8 +189,8 @@ class HeavyWorker(SyncWorker):
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
         try:
-            ip = addr[0] if isinstance(addr, tuple) else str(addr)
-            self.body.read(req, client, ip)  # disarms the head deadline: the app's time now
+            self.body.read(req, client, peer_ip(addr))  # disarms the head deadline
+            self.notify()  # a slow body must not eat into the request's own time budget
             super().handle_request(listener, req, client, addr)
         finally:
             self.heavy.board.request_finished(self.nr)

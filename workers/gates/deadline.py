@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from typing import Any
 
 from workers.gates import Refusal
 
@@ -34,6 +35,11 @@ class Refused(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+
+
+def peer_ip(addr: Any) -> str:
+    """The client's address as the logs name it (a unix socket's peer has no ip)."""
+    return addr[0] if isinstance(addr, tuple) else str(addr)
 
 
 def timed_out(what: str, seconds: float, ip: str) -> Refusal:

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from workers.gates import Refusal
-from workers.gates.deadline import DeadlineSocket, timed_out
+from workers.gates.deadline import DeadlineSocket, peer_ip, timed_out
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024
@@ -65,23 +65,24 @@ class HeadWait:
 
     def check(self, client: socket.socket, addr: Any) -> Refusal | None:
         """A 408 for a client whose head is not whole within the deadline, counted from its
-        first byte; else arm the connection so the parser's reads keep to that deadline."""
-        if not self.applies_to(client):
-            return None
+        first byte; else arm the connection so the parser's reads keep to that deadline (also
+        where the wait does not apply: a unix socket, a PROXY protocol preamble)."""
         started = client.started if isinstance(client, DeadlineSocket) else time.monotonic()
         deadline = started + self.seconds
-        ip = addr[0] if isinstance(addr, tuple) else str(addr)
+        ip = peer_ip(addr)
         missed = timed_out("request head", self.seconds, ip)
-        if self.deferred >= self.seconds and silent(client):
-            return timed_out("request head", self.deferred, ip)
-        if not self.arrived(client, deadline):
-            return missed
+        if self.applies_to(client):
+            if self.deferred >= self.seconds and silent(client):
+                return timed_out("request head", self.deferred, ip)
+            if not self.arrived(client, deadline):
+                return missed
         if isinstance(client, DeadlineSocket):
             client.arm(deadline, missed)
         return None
 
     def applies_to(self, client: socket.socket) -> bool:
-        """TCP only: a unix socket is a local proxy's, and ``SO_RCVLOWAT`` does not apply."""
+        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's),
+        and only where the plain head is what arrives first."""
         return self._enabled and client.family in (socket.AF_INET, socket.AF_INET6)
 
     def arrived(self, client: socket.socket, deadline: float) -> bool:
