@@ -36,6 +36,7 @@ bench: venv
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.overload
+	$(BIN)/python -m bench.clients
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

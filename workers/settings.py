@@ -178,6 +178,19 @@ class Settings:
         kind="seconds",
         shown="`5`, or half of `TIMEOUT` if less",
     )
+    body_timeout: float | None = setting(
+        "HEAVYAPP_BODY_TIMEOUT",
+        None,
+        "seconds a client has to send its whole request (head and body), from its first byte; "
+        "more than half of `TIMEOUT` is refused",
+        kind="seconds",
+        shown="`10`, or half of `TIMEOUT` if less",
+    )
+    max_body_bytes: int = setting(
+        "HEAVYAPP_MAX_BODY_BYTES",
+        1_048_576,
+        "largest request body; a larger one gets a 413 (a declared length before a byte is read)",
+    )
     max_rss_mb: int | None = setting(
         "HEAVYAPP_MAX_RSS_MB",
         None,
@@ -201,11 +214,14 @@ class Settings:
 
     def check(self) -> None:
         half = self.timeout / 2
-        if self.head_timeout is not None and self.head_timeout > half:
-            raise SettingsError(
-                f"HEAVYAPP_HEAD_TIMEOUT={self.head_timeout:g} must be at most half of the "
-                f"timeout ({self.timeout}s)"
-            )
+        for name, value in (
+            ("HEAVYAPP_HEAD_TIMEOUT", self.head_timeout),
+            ("HEAVYAPP_BODY_TIMEOUT", self.body_timeout),
+        ):
+            if value is not None and value > half:
+                raise SettingsError(
+                    f"{name}={value:g} must be at most half of the timeout ({self.timeout}s)"
+                )
 
     # -- what follows from the values ---------------------------------------------------------
 
@@ -219,6 +235,11 @@ class Settings:
         """Seconds for a request head: at most half of ``timeout`` (a worker's heartbeat period),
         so the master never takes the wait for a hang."""
         return self.head_timeout if self.head_timeout is not None else min(5, self.timeout / 2)
+
+    @property
+    def body_deadline(self) -> float:
+        """Seconds for a whole request, at most half of ``timeout`` like ``head_deadline``."""
+        return self.body_timeout if self.body_timeout is not None else min(10, self.timeout / 2)
 
     def run_dir(self, bind: str | None = None) -> Path:
         """Where one server keeps its control socket, worker state, metrics and crash journal.
