@@ -32,6 +32,7 @@ bench: venv
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.native
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
