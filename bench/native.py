@@ -33,7 +33,8 @@ from bench.common import Measurement, client_note, machine, measure, table, warm
 from harness.server import GunicornServer, free_port, serving
 from loadtest.closedloop import ClosedLoop, fetch
 from loadtest.cpu import usable_cores
-from workers.shared.threads import NATIVE_THREADS, VARIABLES
+from workers.settings import NATIVE_THREADS
+from workers.shared.threads import VARIABLES
 
 BIN = Path(sys.executable).parent
 #: Set on some machines for old OpenBLAS builds; unset for this script's own commands only.

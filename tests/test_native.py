@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.server import GunicornServer, ServerError
 from helpers import http_get, poll_until
 from workers.master.sizing import cpu_budget
-from workers.shared.threads import NATIVE_THREADS, VARIABLES, ThreadBudget, export_budget
+from workers.settings import NATIVE_THREADS
+from workers.shared.threads import VARIABLES, ThreadBudget, export_budget
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))

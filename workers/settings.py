@@ -31,6 +31,8 @@ WORKER_ID = "HEAVYAPP_WORKER_ID"
 #: The variables the master exports to its workers once it has settled them.
 RUN_DIR = "HEAVYAPP_RUN_DIR"
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: Each worker's native thread budget, exported by the master with the variables libraries read.
+NATIVE_THREADS = "HEAVYAPP_NATIVE_THREADS"
 #: More native threads per worker than any machine has cores is a typo, not a choice.
 MAX_THREADS_PER_WORKER = 1024
 
@@ -269,6 +271,12 @@ class Settings:
 def worker_id() -> str:
     """This worker's stable id as text: ``""`` outside a kit worker."""
     return os.environ.get(WORKER_ID, "")
+
+
+def native_threads() -> int | None:
+    """The native thread budget the master exported to this worker; None outside the kit."""
+    raw = os.environ.get(NATIVE_THREADS, "")
+    return int(raw) if raw.isdigit() else None
 
 
 def export(name: str, value: str) -> None:

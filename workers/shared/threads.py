@@ -21,8 +21,8 @@ import os
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
-#: What the kit exported last, so a reload tells its own earlier value from an operator's.
-NATIVE_THREADS = "HEAVYAPP_NATIVE_THREADS"
+from workers.settings import NATIVE_THREADS, native_threads
+
 #: Read when a native library loads: OpenMP, OpenBLAS, MKL, Apple Accelerate, numexpr.
 VARIABLES = (
     "OMP_NUM_THREADS",
@@ -61,7 +61,7 @@ def export_budget(
 ) -> list[str]:
     """Set every variable to the budget, for the libraries loaded from now on; return (and
     ``warn`` about) the operator's own values it replaced."""
-    ours = env.get(NATIVE_THREADS)
+    ours = env.get(NATIVE_THREADS)  # the kit's last value: a reload's are not the operator's
     replaced = []
     for name in VARIABLES:
         old = env.get(name)
@@ -80,12 +80,11 @@ def export_budget(
 def limit_loaded_pools() -> list[str]:
     """In a worker: cap the pools of native libraries already loaded (under ``preload_app``)
     at the exported budget; the pools changed, as ``openblas 2->1``."""
-    raw = os.environ.get(NATIVE_THREADS)
-    if not raw:
+    limit = native_threads()
+    if limit is None:
         return []
     from threadpoolctl import ThreadpoolController  # scans the loaded libraries: only here
 
-    limit = int(raw)
     controller = ThreadpoolController()
     changed = [
         f"{lib.internal_api} {lib.num_threads}->{limit}"
