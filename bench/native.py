@@ -1,6 +1,6 @@
 """Native work: the thread budget's throughput and preload's memory, each side by side.
 
-1. ``/matmul?size=400`` with 4 clients: the kit (one worker per core, one BLAS thread each)
+1. ``/matmul?size=400`` (and 800: 8x the work per request) with 4 clients: the kit (one worker per core, one BLAS thread each)
    against stock ``gunicorn -w W heavyapp:app`` (W = cores, OpenBLAS at its default of one
    thread per core in every worker), and the ceiling: cores x the rate of one thread
    multiplying the same matrices in a bare loop, measured in the same run.
@@ -64,9 +64,10 @@ def clean_env() -> None:
         os.environ.pop(name, None)
 
 
-def one_thread(size: int, seconds: float, copies: int = 1) -> list[dict]:
-    """Run ``copies`` single-thread loops at once, each in its own process; their results."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+def one_thread(size: int, seconds: float, copies: int = 1, threads: int = 1) -> list[dict]:
+    """Run ``copies`` loops at once, each in its own process with ``threads`` BLAS threads
+    (one by default); their results."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
     command = [sys.executable, "-c", ONE_THREAD, str(size), str(seconds)]
     procs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(copies)
@@ -95,24 +96,25 @@ def load(server: GunicornServer, path: str, clients: int, seconds: float) -> Mea
     return measure(server, ClosedLoop(server.url, path, clients=clients, duration=seconds))
 
 
-def throughput(cores: int, seconds: float) -> list[Measurement]:
-    path = "/matmul?size=400"
-    (alone,) = one_thread(400, seconds)
+def throughput(cores: int, seconds: float, size: int) -> list[Measurement]:
+    path = f"/matmul?size={size}"
+    (alone,) = one_thread(size, seconds)
     runs = {}
     for name, make in (("gunicorn + kit", kit), ("stock gunicorn", stock)):
         with serving(make(cores)) as server:
             runs[name] = load(server, path, 4, seconds)
-    side_by_side = sum(r["rate"] for r in one_thread(400, seconds, copies=cores))
+    side_by_side = sum(r["rate"] for r in one_thread(size, seconds, copies=cores))
     rate = alone["rate"]
     kit_rps, stock_rps = runs["gunicorn + kit"].report.rps, runs["stock gunicorn"].report.rps
     print(f"### `{path}`, {cores} workers, 4 clients, {seconds:.0f}s\n")
     print(
         table(
-            ["server", "products/s", "p50 ms", "p99 ms", "failed"],
+            ["server", "products/s", "CPU ms/product", "p50 ms", "p99 ms", "failed"],
             [
                 [
                     name,
                     f"{m.report.rps:,.0f}",
+                    f"{m.cpu_per_request * 1000:.2f}",
                     f"{m.report.percentile(50) * 1000:.1f}",
                     f"{m.report.percentile(99) * 1000:.1f}",
                     len(m.report.failures),
@@ -120,8 +122,13 @@ def throughput(cores: int, seconds: float) -> list[Measurement]:
                 for name, m in runs.items()
             ]
             + [
-                [f"ceiling: {cores} x one thread's loop", f"{cores * rate:,.0f}", "-", "-", "-"],
-                [f"{cores} one-thread loops at once", f"{side_by_side:,.0f}", "-", "-", "-"],
+                [
+                    f"ceiling: {cores} x one thread's loop",
+                    f"{cores * rate:,.0f}",
+                    f"{1000 / rate:.2f}",
+                    *"---",
+                ],
+                [f"{cores} one-thread loops at once", f"{side_by_side:,.0f}", "-", *"---"],
             ],
         )
     )
@@ -158,7 +165,11 @@ def shapes(cores: int, seconds: float) -> list[Measurement]:
         headers += [f"{name}: products/s", "p50 ms"]
     print(f"### Fewer workers, more threads ({seconds / 2:.0f}s each)\n")
     print(table(headers, rows))
-    print()
+    bare = {n: one_thread(1500, seconds / 2, threads=n)[0]["rate"] for n in (1, cores)}
+    print(
+        f"\nA bare loop, one 1500x1500 product at a time: {bare[1]:.2f}/s with 1 thread, "
+        f"{bare[cores]:.2f}/s with {cores} ({bare[cores] / bare[1]:.2f}x).\n"
+    )
     return list(results.values())
 
 
@@ -208,11 +219,19 @@ def memory() -> dict[tuple[int, str], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[400, 800],
+        help="matrix sizes of the throughput runs (400: the issue's; 800: 8x the work per request)",
+    )
     args = parser.parse_args()
     clean_env()
     cores = usable_cores()
     print(f"## Native work, {machine()}\n")
-    throughput(cores, args.duration)
+    for size in args.sizes:
+        throughput(cores, args.duration, size)
     shapes(cores, args.duration)
     memory()
 
