@@ -1,9 +1,10 @@
 """Native work: the thread budget's throughput and preload's memory, each side by side.
 
-1. ``/matmul?size=400`` (and 800: 8x the work per request) with 4 clients: the kit (one worker per core, one BLAS thread each)
-   against stock ``gunicorn -w W heavyapp:app`` (W = cores, OpenBLAS at its default of one
-   thread per core in every worker), and the ceiling: cores x the rate of one thread
-   multiplying the same matrices in a bare loop, measured in the same run.
+1. ``/matmul?size=400`` (and 800: 8x the work per request) with 4 clients: the kit (one
+   worker per core, one BLAS thread each) against stock ``gunicorn -w W heavyapp:app``
+   (W = cores, OpenBLAS at its default of one thread per core in every worker), and the
+   ceiling: cores x the rate of one thread multiplying the same matrices in a bare loop, and
+   W such loops run at once (what a shared machine leaves them), measured in the same run.
 2. Fewer workers with more threads: the kit at W workers x 1 thread against 1 worker x W
    threads, for small and large matrices, at 1 client and at 4.
 3. Memory: the total PSS (master and workers) of the kit with a 256 MB model
