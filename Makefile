@@ -37,6 +37,7 @@ bench: venv
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.overload
 	$(BIN)/python -m bench.clients
+	$(BIN)/python -m bench.native
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -15,7 +15,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import Histogram
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
-from heavyapp import chaos
+from heavyapp import chaos, native
 from heavyapp.settings import Settings, worker_id
 from heavyapp.work import BadParameter, count, json_count, parse_count
 
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.chaos:
         log.warning("HEAVYAPP_CHAOS=1: /chaos/* endpoints are enabled; never do this in production")
         app.register_blueprint(chaos.bp)
+    native.init_app(app, settings)  # /matmul, /predict, and the model if there is one
 
     def work(n: int) -> Response:
         started = time.perf_counter()

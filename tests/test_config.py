@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -105,8 +106,15 @@ def test_a_run_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> Non
         server.cleanup()
 
 
-def test_preload_needs_a_named_metrics_directory(start_server: Start, scratch: Path) -> None:
-    refused = GunicornServer(args=["--preload"])
+def test_a_config_importing_prometheus_needs_a_named_metrics_directory(
+    start_server: Start, scratch: Path
+) -> None:
+    """Preload names the directory itself (tests/test_native.py); a config file that imports
+    prometheus_client before any hook runs must name it."""
+    conf = scratch / "conf.py"
+    conf.write_text("from gunicorn_conf import *  # noqa: F403\nimport prometheus_client\n")
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    refused = GunicornServer(command=[gunicorn, "-c", str(conf), "heavyapp:app"])
     try:
         with pytest.raises(
             ServerError, match="prometheus_client was imported in the master before"

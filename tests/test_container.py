@@ -286,6 +286,24 @@ def test_two_cpus_read_only_root_gives_two_workers_and_a_clean_start(containers)
 
 
 @pytest.mark.container
+def test_two_cpus_give_each_worker_one_native_thread(containers):
+    """numpy ships in the image, and its BLAS pool is sized from the container's quota."""
+    c = containers("cpus2-native", "--cpus=2")
+    c.wait_ready(workers=2)
+    assert "native threads per worker: 1 (2 usable CPUs / 2 workers)" in c.logs(), c.logs()
+    pools: dict[int, int] = {}
+
+    def both() -> bool:
+        status, body, _ = http_get(f"http://127.0.0.1:{c.port}/matmul?size=100", timeout=10)
+        assert status == 200, body
+        pools[body["pid"]] = body["blas_threads"]
+        return len(pools) == 2
+
+    poll_until(both, 30, "/matmul from both workers", every=0.01)
+    assert set(pools.values()) == {1}, pools
+
+
+@pytest.mark.container
 def test_docker_stop_lets_an_in_flight_request_finish(containers):
     c = containers("stop", "--cpus=1")
     c.wait_ready(workers=1)

@@ -39,6 +39,13 @@ def test_the_num_workers_setter_calls_nworkers_changed() -> None:
     assert "nworkers_changed" in source(arbiter.Arbiter._set_num_workers)
 
 
+def test_the_first_worker_count_is_set_before_the_app_is_preloaded() -> None:
+    """The hooks set the native thread variables and the metrics directory in the first
+    ``nworkers_changed``, which must come before ``preload_app`` imports the app."""
+    setup = source(arbiter.Arbiter.setup)
+    assert setup.index("self.num_workers = self.cfg.workers") < setup.index("self.app.wsgi()")
+
+
 def test_error_answers_are_written_by_util_write_error() -> None:
     """``answer_errors_with`` swaps ``util.write_error`` for a JSON writer."""
     assert "util.write_error(client, status_int, reason, mesg)" in source(base.Worker.handle_error)
