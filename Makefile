@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint experiment bench clean
+.PHONY: venv run test test-newest lint experiment bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,20 @@ lint: venv
 test: venv lint
 	$(BIN)/pytest
 
+# CI also runs the non-container suite on the newest Python the machine offers (issue 13), from
+# pyenv, in its own venv; the container tests build the image, whose base sets its Python.
+NEWEST := 3.13
+NEWEST_VENV := .venv-$(NEWEST)
+
+test-newest:
+	@py=$$(ls -v $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(NEWEST).*/bin/python$(NEWEST) 2>/dev/null \
+	    | tail -n 1); \
+	if [ -z "$$py" ]; then \
+	    echo "test-newest: no Python $(NEWEST) in pyenv (pyenv install $(NEWEST))" >&2; exit 1; \
+	fi; \
+	$(MAKE) --no-print-directory VENV=$(NEWEST_VENV) PYTHON=$$py venv
+	$(NEWEST_VENV)/bin/pytest -m "not container"
+
 experiment: venv
 	$(BIN)/python -m loadtest.experiment
 
@@ -34,4 +48,4 @@ bench: venv
 	$(BIN)/python -m bench.peers
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .ruff_cache *.egg-info
