@@ -25,7 +25,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import Measurement, client_note, machine, measure, median, table, warm_up
+from bench.common import (
+    Measurement,
+    client_note,
+    machine,
+    measure,
+    median,
+    record,
+    table,
+    warm_up,
+)
 from harness.server import GunicornServer, ServerError, free_port, serving
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
@@ -169,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)
