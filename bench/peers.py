@@ -25,16 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import (
-    Measurement,
-    client_note,
-    machine,
-    measure,
-    median,
-    record,
-    table,
-    warm_up,
-)
+from bench.common import Measurement, client_note, machine, measure, median, record, table, warm_up
 from harness.server import GunicornServer, ServerError, free_port, serving
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
