@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -194,6 +195,19 @@ def served_per_title(server: GunicornServer) -> int:
         assert match, title
         served += int(match.group(1))
     return served
+
+
+def test_a_repeated_sigterm_still_ends_in_a_clean_exit(server: GunicornServer) -> None:
+    """Gunicorn's master repeats SIGTERM every second to a retired worker it has not reaped yet
+    (a scale-down on a loaded machine); the worker must still exit 0, not die by the signal."""
+    victim = next(iter(server.wait_for_ids({0, 1})))  # booted: its handlers are in place
+    deadline = time.monotonic() + 10
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline:  # until it is gone, every 2 ms (bounded)
+            os.kill(victim, signal.SIGTERM)
+            time.sleep(0.002)
+    server.wait_for_log(rf"worker pid={victim} exited \(exit code 0\): stopped")
+    server.wait_for_workers(2, exclude={victim})
 
 
 def test_titles_name_id_pid_and_requests(server: GunicornServer) -> None:
