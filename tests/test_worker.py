@@ -109,6 +109,7 @@ def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
     with background_traffic(server) as traffic:
         poll_until(lambda: len(traffic.statuses) >= 5, 10, "traffic flowing")
         os.kill(victim, signal.SIGKILL)
+        server.wait_for_workers(2, exclude={victim})  # not instant: it may still be listed
         after = server.wait_for_ids({0, 1})
         served = len(traffic.statuses)
         poll_until(lambda: len(traffic.statuses) >= served + 5, 10, "traffic after the kill")
