@@ -41,11 +41,15 @@ test-newest:
 experiment: venv
 	$(BIN)/python -m loadtest.experiment
 
+# bench.overload loads with Debian's hey (open loop) and wrk (capacity); apt-get needs root.
 bench: venv
+	command -v hey >/dev/null && command -v wrk >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey wrk >/dev/null; }
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.overload
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the servers' CPU counters, a warm-up, markdown tables, and
-the copy of each script's output kept in docs/bench/.
+"""What the benchmark scripts share: the servers they compare, the servers' CPU counters, a
+warm-up, markdown tables, and the copy of each script's output kept in docs/bench/.
 
 Every figure the scripts print is measured in the same run as the figures it is compared with:
 the machine is shared and noisy, so only side-by-side numbers and ratios mean anything.
@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -21,18 +22,94 @@ from typing import TextIO
 
 import psutil
 
-from harness.server import GunicornServer
+from harness.server import GunicornServer, ServerError, free_port, serving
 from loadtest.closedloop import ClosedLoop, Report
 from loadtest.cpu import server_cpu_s, usable_cores
 
 #: Where each script's latest output is kept, as docs/benchmarks.md says.
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "bench"
+BIN = Path(sys.executable).parent
+#: Builds one server, not started yet, from its worker count.
+Maker = Callable[[int], GunicornServer]
+
+
+def kit(*args: str, env: dict[str, str] | None = None) -> Maker:
+    """The kit as the README runs it (``-c gunicorn_conf.py``), plus ``args`` and ``env``."""
+    return lambda workers: GunicornServer(workers=workers, args=list(args), env=env)
+
+
+def external(build: Callable[[int, int], list[str]]) -> Maker:
+    """A peer server: its command line for (port, workers), run by the kit's launcher."""
+
+    def make(workers: int) -> GunicornServer:
+        port = free_port()
+        return GunicornServer(port=port, command=build(port, workers))
+
+    return make
+
+
+def stock_gunicorn(port: int, workers: int) -> list[str]:
+    """Gunicorn with none of the kit: no config file, the stock sync worker."""
+    return [
+        str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app",
+    ]  # fmt: skip
+
+
+def granian(port: int, workers: int) -> list[str]:
+    return [
+        str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "heavyapp:app",
+    ]  # fmt: skip
+
+
+def uwsgi(port: int, workers: int) -> list[str]:
+    return [
+        str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes",
+        str(workers), "--module", "heavyapp:app", "--need-app", "--die-on-term",
+        "--disable-logging",
+    ]  # fmt: skip
+
+
+#: The non-Gunicorn servers (the ``bench`` extra): name -> command line for (port, workers).
+PEERS = {"granian": granian, "uwsgi": uwsgi}
+
+
+def peers() -> tuple[dict[str, Maker], list[str]]:
+    """The ``PEERS`` installed here, and a line for each one that is not."""
+    found, missing = {}, []
+    for name, build in PEERS.items():
+        if shutil.which(name, path=str(BIN)):
+            found[name] = external(build)
+        else:
+            missing.append(f"{name} not installed: pip install -e '.[bench]'")
+    return found, missing
+
+
+def start_all(
+    stack: contextlib.ExitStack, makers: dict[str, Maker], n: int
+) -> tuple[dict[str, GunicornServer], list[str]]:
+    """Start every server with ``n`` workers, stopped when ``stack`` closes; a line for each
+    one that did not start (the others are still compared)."""
+    started, failed = {}, []
+    for name, make in makers.items():
+        try:
+            started[name] = stack.enter_context(serving(make(n)))
+        except ServerError as exc:
+            failed.append(f"{name} did not start: {str(exc).splitlines()[0]}")
+    return started, failed
 
 
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent not idle, all processes together."""
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def others_share(busy_s: float, server_s: float, client_s: float, elapsed: float) -> float:
+    """Share of the usable cores that processes other than the server and the client took
+    during ``elapsed`` seconds in which the whole machine was busy ``busy_s`` CPU seconds."""
+    others = max(0.0, busy_s - server_s - client_s)
+    return others / (elapsed * usable_cores()) if elapsed else 0.0
 
 
 @dataclass(frozen=True)
@@ -54,8 +131,7 @@ class Measurement:
         other people's work on a shared machine, which the figures of this run had to live with.
         """
         r = self.report
-        others = self.machine_busy_s - self.server_cpu_s - r.client_cpu_s
-        return max(0.0, others) / (r.elapsed * r.cores) if r.elapsed else 0.0
+        return others_share(self.machine_busy_s, self.server_cpu_s, r.client_cpu_s, r.elapsed)
 
 
 def share_of_cpu_left(m: Measurement) -> float:

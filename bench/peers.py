@@ -20,52 +20,31 @@ import argparse
 import contextlib
 import importlib.machinery
 import importlib.util
-import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import Measurement, client_note, machine, measure, median, record, table, warm_up
-from harness.server import GunicornServer, ServerError, free_port, serving
+from bench.common import (
+    Maker,
+    Measurement,
+    client_note,
+    kit,
+    machine,
+    measure,
+    median,
+    peers,
+    record,
+    start_all,
+    table,
+    warm_up,
+)
 from loadtest.closedloop import ClosedLoop
 from loadtest.cpu import usable_cores
 
-BIN = Path(sys.executable).parent
 #: Path -> closed-loop clients: 4 on /heavy as in the original experiment; more on /healthz,
 #: where the client's own per-request cost is what limits a single client.
 PATHS = {"/heavy": 4, "/healthz": 8}
 
 
-def kit(*args: str, env: dict[str, str] | None = None) -> Callable[[int], GunicornServer]:
-    return lambda workers: GunicornServer(workers=workers, args=list(args), env=env)
-
-
-def external(build: Callable[[int, int], list[str]]) -> Callable[[int], GunicornServer]:
-    """A peer server: its command line for (port, workers), run by the kit's launcher."""
-
-    def make(workers: int) -> GunicornServer:
-        port = free_port()
-        return GunicornServer(port=port, command=build(port, workers))
-
-    return make
-
-
-def granian(port: int, workers: int) -> list[str]:
-    return [
-        str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(workers), "heavyapp:app",
-    ]  # fmt: skip
-
-
-def uwsgi(port: int, workers: int) -> list[str]:
-    return [
-        str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes",
-        str(workers), "--module", "heavyapp:app", "--need-app", "--die-on-term",
-        "--disable-logging",
-    ]  # fmt: skip
-
-
-def fast_parser(h1c: Path | None) -> Callable[[int], GunicornServer] | None:
+def fast_parser(h1c: Path | None) -> Maker | None:
     """The kit with Gunicorn's C parser, from the venv or from the ``--h1c`` folder; None if
     ``gunicorn_h1c`` is in neither."""
     if h1c is not None and importlib.machinery.PathFinder.find_spec("gunicorn_h1c", [str(h1c)]):
@@ -77,9 +56,9 @@ def fast_parser(h1c: Path | None) -> Callable[[int], GunicornServer] | None:
 
 def candidates(
     h1c: Path | None,
-) -> tuple[dict[str, Callable[[int], GunicornServer]], list[str]]:
+) -> tuple[dict[str, Maker], list[str]]:
     """The servers this machine can run, and a line for each one it cannot."""
-    servers: dict[str, Callable[[int], GunicornServer]] = {
+    servers: dict[str, Maker] = {
         "gunicorn + kit (python parser)": kit("--http-parser", "python"),
     }
     missing = []
@@ -93,24 +72,8 @@ def candidates(
     servers["gunicorn + kit (python parser, reuse_port)"] = kit(
         "--http-parser", "python", "--reuse-port"
     )
-    for name, build in (("granian", granian), ("uwsgi", uwsgi)):
-        if shutil.which(name, path=str(BIN)):
-            servers[name] = external(build)
-        else:
-            missing.append(f"{name} not installed: pip install -e '.[bench]'")
-    return servers, missing
-
-
-def start_all(
-    stack: contextlib.ExitStack, makers: dict[str, Callable[[int], GunicornServer]], n: int
-) -> tuple[dict[str, GunicornServer], list[str]]:
-    started, failed = {}, []
-    for name, make in makers.items():
-        try:
-            started[name] = stack.enter_context(serving(make(n)))
-        except ServerError as exc:
-            failed.append(f"{name} did not start: {str(exc).splitlines()[0]}")
-    return started, failed
+    others, not_installed = peers()
+    return {**servers, **others}, missing + not_installed
 
 
 def main() -> None:

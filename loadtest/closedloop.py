@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -83,6 +83,14 @@ def fetch(host: str, port: int, path: str, timeout: float) -> tuple[int, str]:
     return int(status_line.split()[1]), headers.get(b"x-worker-id", b"").decode("latin-1")
 
 
+def percentile(values: Iterable[float], p: float) -> float:
+    """The ``p``-th percentile by nearest rank (a value that occurred); NaN when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
 @dataclass
 class Report:
     """What a run produced; every figure comes from ``outcomes``."""
@@ -108,10 +116,7 @@ class Report:
 
     def percentile(self, p: float) -> float:
         """Latency percentile in seconds over the non-failed requests (nearest rank)."""
-        latencies = sorted(o.latency for o in self.outcomes if not o.failed)
-        if not latencies:
-            return float("nan")
-        return latencies[max(0, math.ceil(p / 100 * len(latencies)) - 1)]
+        return percentile([o.latency for o in self.outcomes if not o.failed], p)
 
     def by_worker(self) -> Counter[str]:
         return Counter(o.worker_id for o in self.outcomes if not o.failed)

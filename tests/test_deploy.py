@@ -208,3 +208,25 @@ def test_compose_file_passes_compose_config():
         [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_puts_nginx_in_front_with_the_shipped_config():
+    """nginx renders deploy/nginx/heavyapp.conf (through the template symlink) aimed at the app,
+    listens where its port is published (loopback only) and waits for a healthy app."""
+    services = compose()["services"]
+    nginx = services["nginx"]
+    env = {k: str(v) for k, v in nginx["environment"].items()}
+    source, target, mode = nginx["volumes"][0].split(":")
+    assert (source, mode) == ("./nginx", "ro")
+    template_dir = env["NGINX_ENVSUBST_TEMPLATE_DIR"]
+    assert template_dir.startswith(target + "/")
+    host_templates = COMPOSE.parent / "nginx" / template_dir[len(target) + 1 :]
+    (template,) = host_templates.glob("*.template")
+    assert template.resolve() == (COMPOSE.parent / "nginx" / "heavyapp.conf").resolve()
+    assert env["NGINX_ENVSUBST_FILTER"] == "HEAVYAPP_", "nginx's own $variables stay as written"
+    app_port = services["app"]["ports"][0].rsplit(":", 1)[1]
+    assert env["HEAVYAPP_UPSTREAM"] == f"app:{app_port}"
+    (published,) = nginx["ports"]
+    assert published.startswith("127.0.0.1:"), "loopback only by default"
+    assert published.rsplit(":", 1)[1] == env["HEAVYAPP_LISTEN"]
+    assert nginx["depends_on"]["app"]["condition"] == "service_healthy"
