@@ -25,6 +25,7 @@ import contextlib
 import faulthandler
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -111,6 +112,10 @@ class HeavyWorker(SyncWorker):
         try:
             super().init_process()
         finally:
+            # Leaving: Gunicorn's master repeats SIGTERM every second until it reaps a retired
+            # worker, and Python's shutdown drops the handler, so a repeat would end exit 0 as a
+            # death by signal. SIGKILL still ends a worker that overstays the graceful timeout.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.log.info(
                 "worker %s pid=%s exiting after %d requests (%s)",
                 self.heavy.id,
