@@ -17,7 +17,7 @@ import argparse
 import socket
 import time
 
-from bench.common import machine, table
+from bench.common import machine, record, table
 from harness.server import GunicornServer, serving
 
 SERVERS = {
@@ -124,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

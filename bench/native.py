@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import Measurement, client_note, machine, measure, table, warm_up
+from bench.common import Measurement, client_note, machine, measure, record, table, warm_up
 from harness.server import GunicornServer, free_port, serving
 from loadtest.closedloop import ClosedLoop, fetch
 from loadtest.cpu import usable_cores
@@ -238,4 +238,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

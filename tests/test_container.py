@@ -295,8 +295,9 @@ def test_two_cpus_give_each_worker_one_native_thread(containers):
     pools: dict[int, int] = {}
 
     def both() -> bool:
-        status, body, _ = http_get(f"http://127.0.0.1:{c.port}/matmul?size=100", timeout=10)
-        assert status == 200, body
+        resp = requests.get(f"http://127.0.0.1:{c.port}/matmul?size=100", timeout=10)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
         pools[body["pid"]] = body["blas_threads"]
         return len(pools) == 2
 
