@@ -83,3 +83,32 @@ def test_exit_statuses_keep_only_workers_and_each_is_taken_once() -> None:
     statuses = internals.ExitStatuses(FakeOs(), lambda pid: pid == 42)
     assert [statuses.waitpid(-1, 0) for _ in range(3)] == [(41, 9), (42, 256), (0, 0)]
     assert statuses.statuses == {42: 256}
+
+
+def test_listeners_wrap_a_socket_and_read_their_backlog() -> None:
+    """``listeners``/``listener_sockets``/``listen_backlog``: a worker's ``sockets`` are
+    Gunicorn's wrappers, each holding its ``socket.socket`` as ``.sock``, with ``get_backlog``."""
+    import socket
+
+    from gunicorn import sock as gsock
+
+    assert "self.sockets = sockets" in source(base.Worker.__init__)
+    assert "self.sock = " in source(gsock.BaseSocket.__init__)
+    assert "TCP_INFO" in source(gsock.TCPSocket.get_backlog)
+
+    class Conf:
+        is_ssl = False
+        reuse_port = False
+        backlog = 8
+
+    listener = object.__new__(gsock.TCPSocket)
+    listener.sock = socket.socket()
+    listener.sock.bind(("127.0.0.1", 0))
+    listener.sock.listen(8)
+    listener.conf = Conf()
+    try:
+        assert internals.listener_sockets([listener]) == [listener.sock]
+        assert internals.listen_backlog([listener]) == 0
+        assert internals.listen_backlog([]) == -1
+    finally:
+        listener.sock.close()

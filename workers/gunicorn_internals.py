@@ -8,6 +8,7 @@ Each function names what it stands in for and why no public way exists; each is 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -87,7 +88,19 @@ def is_reexec() -> bool:
     return "GUNICORN_PID" in os.environ
 
 
-def listen_backlog(arbiter: gunicorn.arbiter.Arbiter) -> int:
-    """Connections waiting in the first listener's accept queue (Gunicorn's ``get_backlog``,
-    which reads ``TCP_INFO``; -1 where it cannot tell)."""
-    return arbiter.LISTENERS[0].get_backlog() if arbiter.LISTENERS else -1
+def listeners(worker: Any) -> list[Any]:
+    """A worker's listening sockets: Gunicorn's wrappers (``gunicorn.sock``), ``worker.sockets``."""
+    return list(worker.sockets)
+
+
+def listener_sockets(listeners: Iterable[Any]) -> list[socket.socket]:
+    """The ``socket.socket`` inside each Gunicorn listener (``.sock``), for socket options
+    Gunicorn has no setting for (``SO_TIMESTAMPNS``)."""
+    return [listener.sock for listener in listeners]
+
+
+def listen_backlog(listeners: Iterable[Any]) -> int:
+    """Connections waiting in the accept queues of ``listeners`` (Gunicorn's ``get_backlog``,
+    which reads ``TCP_INFO``); -1 where none can tell (a unix socket, not Linux)."""
+    depths = [d for d in (listener.get_backlog() for listener in listeners) if d >= 0]
+    return sum(depths) if depths else -1

@@ -11,8 +11,9 @@ On top of the sync worker, each worker
 - has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
-- lets a connection reach the app only through its gates (``workers/gates/``): the request head
-  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds;
+- lets a connection reach the app only through its gates (``workers/gates/``): a queue wait
+  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and CoDel's cut of a standing queue), the request head
+  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, a client still there;
 - answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
 """
 
@@ -33,7 +34,7 @@ from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
-from workers.gates import Gate, Refusal
+from workers.gates import Gate, Refusal, queue
 from workers.gates.headwait import HeadWait
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
@@ -80,7 +81,15 @@ class HeavyWorker(SyncWorker):
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         internals.answer_errors_with(write_json_error)
         self.settings = Settings.from_env()
-        self.gates: list[Gate] = [HeadWait(self.cfg, self.settings.head_deadline)]
+        listeners = internals.listeners(self)
+        queue.stamp_arrivals(listeners)
+        # The queue first: a request that already waited too long is refused before any wait
+        # for its head; the departed-client check last, just before the app.
+        self.gates: list[Gate] = [
+            queue.QueueWait(self.settings.queue_timeout, self.log, listeners),
+            HeadWait(self.cfg, self.settings.head_deadline),
+            queue.ClientGone(),
+        ]
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -123,15 +132,16 @@ class HeavyWorker(SyncWorker):
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
+        picked = time.monotonic()
         for gate in self.gates:
             refusal = gate.check(client, addr)
             if refusal is not None:
-                self.refuse(client, refusal)
+                self.refuse(client, addr, refusal, picked)
                 return
         self.notify()  # a slow head must not eat into the request's own time budget
         super().handle(listener, client, addr)
 
-    def refuse(self, client: socket.socket, refusal: Refusal) -> None:
+    def refuse(self, client: socket.socket, addr: Any, refusal: Refusal, picked: float) -> None:
         """Answer for a gate (the client may be gone already: no error of its costs anything)."""
         if refusal.warning:
             self.log.warning("%s", refusal.warning)
@@ -140,7 +150,12 @@ class HeavyWorker(SyncWorker):
                 write_json_error(
                     client, refusal.status, refusal.reason, refusal.message, refusal.headers
                 )
-        util.close_graceful(client)
+        if refusal.linger:
+            util.close_graceful(client)
+        else:
+            queue.close_now(client)
+        if refusal.logged:
+            queue.log_refusal(self.log, refusal, addr, time.monotonic() - picked)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)

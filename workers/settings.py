@@ -178,6 +178,14 @@ class Settings:
         kind="seconds",
         shown="`5`, or half of `TIMEOUT` if less",
     )
+    queue_timeout: float = setting(
+        "HEAVYAPP_QUEUE_TIMEOUT",
+        1.0,
+        "seconds a request may wait for a worker (kernel-timed, from its first bytes' arrival) "
+        "before it is answered 503 with `Retry-After` instead of being served; under a standing "
+        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`",
+        kind="seconds",
+    )
     max_rss_mb: int | None = setting(
         "HEAVYAPP_MAX_RSS_MB",
         None,
@@ -205,6 +213,11 @@ class Settings:
             raise SettingsError(
                 f"HEAVYAPP_HEAD_TIMEOUT={self.head_timeout:g} must be at most half of the "
                 f"timeout ({self.timeout}s)"
+            )
+        if self.queue_timeout >= self.timeout:
+            raise SettingsError(
+                f"HEAVYAPP_QUEUE_TIMEOUT={self.queue_timeout:g} must be below the timeout "
+                f"({self.timeout}s)"
             )
 
     # -- what follows from the values ---------------------------------------------------------
