@@ -110,9 +110,11 @@ class Codel:
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
+        # Measured (docs/benchmarks.md): an interval of one cap let exactly-at-capacity load be
+        # cut now and then; a target near ``shed_above`` flapped in and out of dropping.
         self.target = cap / 10
         self.shed_above = cap / 4
-        self.interval = cap
+        self.interval = 2 * cap
         self.dropping = False
         self._window_end = float("-inf")  # before the first request: idle
         self._window_min = float("inf")
