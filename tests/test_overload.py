@@ -215,3 +215,29 @@ def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
     assert codel.dropping
     # Idle for a whole interval: the queue drained, nothing is cut any more.
     assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.dropping
+
+
+def test_locust_counts_a_refusal_apart_and_honours_retry_after(
+    start_server: Start, tmp_path: Path
+) -> None:
+    """Six closed-loop users on one worker: the queue is always past 0.1 s, so some are refused;
+    a refusal is its own row, not a failure, and each refused user then waits Retry-After (1 s),
+    so there are at most users x (seconds + 1) of them."""
+    server = start_server(workers=1, env={"HEAVYAPP_QUEUE_TIMEOUT": "0.1"})
+    final = tmp_path / "final"
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("locust")), "-f", "locustfile.py", "--headless",
+         "--host", server.url, "-u", "6", "-r", "6", "-t", "4s", "--heavy-n", "1000000",
+         "--heavy-timeout", "10", "--heavy-retry-after", "--json-file", str(final)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # no failures
+    entries = {e["name"]: e for e in json.loads(final.with_suffix(".json").read_text())}
+    assert entries["/heavy"]["num_requests"] > 0
+    refused = entries["/heavy refused"]["num_requests"]
+    assert 0 < refused <= 6 * 5, entries
+    assert (
+        metric(server, "heavyapp_shed_total", reason="queue-timeout")
+        + metric(server, "heavyapp_shed_total", reason="codel")
+        == refused
+    )
