@@ -183,7 +183,9 @@ class Settings:
         1.0,
         "seconds a request may wait for a worker (kernel-timed, from its first bytes' arrival) "
         "before it is answered 503 with `Retry-After` instead of being served; under a standing "
-        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`",
+        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`. 1 s: longer "
+        "than most clients wait for requests of tens of ms; raise it to ten times your usual "
+        "request time or more for slower ones",
         kind="seconds",
     )
     max_rss_mb: int | None = setting(
