@@ -85,8 +85,9 @@ class HeavyWorker(SyncWorker):
         queue.stamp_arrivals(listeners)
         # The queue first: a request that already waited too long is refused before any wait
         # for its head; the departed-client check last, just before the app.
+        self.queue = queue.QueueWait(self.settings.queue_timeout, self.log, listeners)
         self.gates: list[Gate] = [
-            queue.QueueWait(self.settings.queue_timeout, self.log, listeners),
+            self.queue,
             HeadWait(self.cfg, self.settings.head_deadline),
             queue.ClientGone(),
         ]
@@ -126,6 +127,7 @@ class HeavyWorker(SyncWorker):
 
         if isinstance(self.wsgi, Flask):
             flask_ext.init_app(self.wsgi)
+        self.queue.ready()
 
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)

@@ -163,8 +163,16 @@ class QueueWait:
         self.codel = Codel(cap)
         self.log = log  # the worker's HeavyLogger: its access lines carry the wait
         self.listeners = listeners
+        # Requests that arrived before this worker was ready waited for a pool that was not
+        # there (a start, a reload, a replaced worker), not for a slow one: the queue timeout
+        # spares them (a departed client is still dropped), so a reload refuses nothing.
+        self.ready_at = float("inf")
         _metrics()
         _gate = self
+
+    def ready(self) -> None:
+        """The worker has loaded its app and is about to accept: waits count from now on."""
+        self.ready_at = time.time()
 
     def check(self, client: socket.socket, addr: Any) -> Refusal | None:
         """Judge the wait; no bytes yet means no wait (the head gate waits for them)."""
@@ -179,7 +187,7 @@ class QueueWait:
         if not data:
             return None
         line = request_line(data)
-        if target_path(line) in EXEMPT:
+        if target_path(line) in EXEMPT or arrived < self.ready_at:
             return None
         reason = self.codel.verdict(wait, now)
         if reason is None:
