@@ -271,7 +271,8 @@ def render_status(data: dict[str, Any]) -> str:
     head = (
         f"master pid {m['pid']}, up {human_duration(m['uptime_s'])}, "
         f"bind {', '.join(m['bind'])}, {m['workers']}/{m['target']} workers, "
-        f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}"
+        f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}; "
+        f"{render_queue(data['queue'])}"
     )
     header = ["id", "pid", "status", "uptime", "restarts", "cpu", "mem", "requests", "last crash"]
     rows = [
@@ -288,7 +289,7 @@ def render_status(data: dict[str, Any]) -> str:
         ]
         for r in data["workers"]
     ]
-    return f"{head}\n{table(header, rows)}\n{render_queue(data['queue'])}"
+    return f"{head}\n{table(header, rows)}"
 
 
 def render_queue(q: dict[str, Any]) -> str:

@@ -85,7 +85,7 @@ class HeavyWorker(SyncWorker):
         queue.stamp_arrivals(listeners)
         # The queue first: a request that already waited too long is refused before any wait
         # for its head; the departed-client check last, just before the app.
-        self.queue = queue.QueueWait(self.settings.queue_timeout, self.log, listeners)
+        self.queue = queue.QueueWait(self.settings.queue_deadline, self.log, listeners)
         self.gates: list[Gate] = [
             self.queue,
             HeadWait(self.cfg, self.settings.head_deadline),

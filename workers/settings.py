@@ -178,15 +178,16 @@ class Settings:
         kind="seconds",
         shown="`5`, or half of `TIMEOUT` if less",
     )
-    queue_timeout: float = setting(
+    queue_timeout: float | None = setting(
         "HEAVYAPP_QUEUE_TIMEOUT",
-        1.0,
+        None,
         "seconds a request may wait for a worker (kernel-timed, from its first bytes' arrival) "
         "before it is answered 503 with `Retry-After` instead of being served; under a standing "
-        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`. 1 s: longer "
-        "than most clients wait for requests of tens of ms; raise it to ten times your usual "
-        "request time or more for slower ones",
+        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`. 2 s: past "
+        "most users' patience, and 50 requests of 40 ms ahead of it per worker, a standing queue, "
+        "not a burst; for requests of seconds, ten times the usual request or more",
         kind="seconds",
+        shown="`2`, or half of `TIMEOUT` if less",
     )
     max_rss_mb: int | None = setting(
         "HEAVYAPP_MAX_RSS_MB",
@@ -216,7 +217,7 @@ class Settings:
                 f"HEAVYAPP_HEAD_TIMEOUT={self.head_timeout:g} must be at most half of the "
                 f"timeout ({self.timeout}s)"
             )
-        if self.queue_timeout >= self.timeout:
+        if self.queue_timeout is not None and self.queue_timeout >= self.timeout:
             raise SettingsError(
                 f"HEAVYAPP_QUEUE_TIMEOUT={self.queue_timeout:g} must be below the timeout "
                 f"({self.timeout}s)"
@@ -234,6 +235,11 @@ class Settings:
         """Seconds for a request head: at most half of ``timeout`` (a worker's heartbeat period),
         so the master never takes the wait for a hang."""
         return self.head_timeout if self.head_timeout is not None else min(5, self.timeout / 2)
+
+    @property
+    def queue_deadline(self) -> float:
+        """Seconds a request may wait for a worker: always below ``timeout``."""
+        return self.queue_timeout if self.queue_timeout is not None else min(2, self.timeout / 2)
 
     def run_dir(self, bind: str | None = None) -> Path:
         """Where one server keeps its control socket, worker state, metrics and crash journal.
