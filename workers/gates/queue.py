@@ -68,9 +68,13 @@ def stamp_arrivals(listeners: Sequence[Any]) -> None:
 
 
 def peek(client: socket.socket) -> tuple[float | None, bytes]:
-    """(kernel receive time of the first queued bytes, those bytes), without waiting. The time
-    is ``inf`` when nothing arrived yet (the request is younger than its pickup), None when the
-    kernel gave no stamp (a socket without timestamps) or the connection broke."""
+    """(kernel receive time of the queued bytes, those bytes), without waiting. The time is
+    ``inf`` when nothing arrived yet (the request is younger than its pickup), None when the
+    kernel gave no stamp (a socket without timestamps) or the connection broke.
+
+    TCP merges a later segment into the one queued before it and keeps the later stamp: a head
+    sent in pieces reads the last piece's arrival (a shorter wait: never a wrongful refusal),
+    and a client that left reads its FIN's (so ``gone`` is asked first)."""
     try:
         data, ancillary, _, _ = client.recvmsg(
             _PEEK, _ANCILLARY, socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -84,6 +88,17 @@ def peek(client: socket.socket) -> tuple[float | None, bytes]:
             seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
             return seconds + nanoseconds / 1e9, data
     return None, data
+
+
+def gone(client: socket.socket, poller: select.poll) -> bool:
+    """Has the peer closed its side (or the connection failed)? One poll, no wait."""
+    fd = client.fileno()
+    poller.register(fd, POLLRDHUP)
+    try:
+        events = poller.poll(0)
+    finally:
+        poller.unregister(fd)
+    return any(mask & (POLLRDHUP | select.POLLHUP | select.POLLERR) for _, mask in events)
 
 
 def request_line(data: bytes) -> bytes:
@@ -167,6 +182,7 @@ class QueueWait:
         # there (a start, a reload, a replaced worker), not for a slow one: the queue timeout
         # spares them (a departed client is still dropped), so a reload refuses nothing.
         self.ready_at = float("inf")
+        self._poll = select.poll()
         _metrics()
         _gate = self
 
@@ -178,7 +194,7 @@ class QueueWait:
         """Judge the wait; no bytes yet means no wait (the head gate waits for them)."""
         arrived, data = peek(client)
         self.log.queue_wait = None
-        if arrived is None:
+        if arrived is None or gone(client, self._poll):  # a departed client's stamp is its FIN's
             return None
         now = time.time()
         wait = max(0.0, now - arrived)
@@ -211,13 +227,7 @@ class ClientGone:
         self._poll = select.poll()
 
     def check(self, client: socket.socket, addr: Any) -> Refusal | None:
-        fd = client.fileno()
-        self._poll.register(fd, POLLRDHUP)
-        try:
-            events = self._poll.poll(0)
-        finally:
-            self._poll.unregister(fd)
-        if not any(mask & (POLLRDHUP | select.POLLHUP | select.POLLERR) for _, mask in events):
+        if not gone(client, self._poll):
             return None
         _metrics().shed.labels(reason="client-gone").inc()
         _, data = peek(client)
