@@ -236,8 +236,5 @@ def test_locust_counts_a_refusal_apart_and_honours_retry_after(
     assert entries["/heavy"]["num_requests"] > 0
     refused = entries["/heavy refused"]["num_requests"]
     assert 0 < refused <= 6 * 5, entries
-    assert (
-        metric(server, "heavyapp_shed_total", reason="queue-timeout")
-        + metric(server, "heavyapp_shed_total", reason="codel")
-        == refused
-    )
+    shed = sum(metric(server, "heavyapp_shed_total", reason=r) for r in ("queue-timeout", "codel"))
+    assert shed >= refused  # a request still queued when Locust stopped is shed unseen
