@@ -7,10 +7,13 @@ without ``--web-host`` (this file changes Locust's default of all interfaces; ``
 
     locust --headless -u 20 -r 20 -t 30s --heavy-n 1000000 --heavy-timeout 1 --csv out/run
 
-Every answer is checked (status, body, headers). Requests per Gunicorn worker are tallied from the
-``X-Worker-Id``/``X-Worker-Pid`` headers: printed when a test stops, written to
-``<csv prefix>_workers.csv`` with ``--csv``, and shown in the web UI's "Workers" tab
-(JSON at ``/workers``).
+Every answer is checked (status, body, headers). A fast refusal (``503`` with ``Retry-After``,
+the kit's answer past ``HEAVYAPP_QUEUE_TIMEOUT``) is an answer, not a hang: it is counted in its
+own row, ``/heavy refused``, apart from the failures (timeouts, errors); with
+``--heavy-retry-after`` a refused user waits as long as ``Retry-After`` says before asking again.
+Requests per Gunicorn worker are tallied from the ``X-Worker-Id``/``X-Worker-Pid`` headers:
+printed when a test stops, written to ``<csv prefix>_workers.csv`` with ``--csv``, and shown in
+the web UI's "Workers" tab (JSON at ``/workers``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 from typing import Any
 
 from flask import Response, jsonify, request
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -32,6 +35,9 @@ DEFAULT_HOST = "http://127.0.0.1:8000"
 DEFAULT_WEB_HOST = "127.0.0.1"
 DEFAULT_N = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
+REFUSED_NAME = "/heavy refused"
+#: The longest Retry-After honoured (seconds): a server's header must not park a user forever.
+MAX_RETRY_AFTER_S = 60.0
 REPORT_KEY = "heavyapp_workers"  # our part of the reports Locust workers send their master
 
 console = logging.getLogger("locust.stats_logger")  # Locust's own plain stdout logger
@@ -55,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TIMEOUT_S,
         help="client timeout in seconds; a request unanswered by then counts as a failure",
     )
+    parser.add_argument(
+        "--heavy-retry-after",
+        action="store_true",
+        default=False,
+        help="a user refused with Retry-After waits that long before its next request",
+    )
 
 
 def _option(environment: Environment, name: str, default: Any) -> Any:
@@ -62,18 +74,32 @@ def _option(environment: Environment, name: str, default: Any) -> Any:
     return getattr(environment.parsed_options, name, default)
 
 
+def refusal_pause(status: int, headers: Any) -> float | None:
+    """Seconds a ``503`` with ``Retry-After`` (delta seconds) asks to wait; None for any other
+    answer (a 503 without it is a failure like any error)."""
+    raw = headers.get("Retry-After") if status == 503 and headers else None
+    if raw is None or not raw.strip().isdigit():
+        return None
+    return min(float(raw), MAX_RETRY_AFTER_S)
+
+
 class HeavyUser(FastHttpUser):
     """One client that sends its next request as soon as the last one is answered (or timed out),
     like the original article's load tester: the offered load is the number of users."""
 
     host = DEFAULT_HOST
-    wait_time = constant(0)
 
     def __init__(self, environment: Environment) -> None:
         # Read at spawn time, so a timeout changed in the web UI form applies to the next swarm.
         timeout = float(_option(environment, "heavy_timeout", DEFAULT_TIMEOUT_S))
         self.network_timeout = self.connection_timeout = timeout
+        self.pause = 0.0  # seconds a Retry-After asked this user to wait
         super().__init__(environment)
+
+    def wait_time(self) -> float:
+        """No think time, but a Retry-After the server sent is honoured once if asked to."""
+        pause, self.pause = self.pause, 0.0
+        return pause
 
     @task
     def heavy(self) -> None:
@@ -81,6 +107,13 @@ class HeavyUser(FastHttpUser):
         with self.client.get(f"/heavy?n={n}", name="/heavy", catch_response=True) as resp:
             if resp.status_code == 0:
                 return  # no answer: Locust records the client's own error (timeout, refused)
+            retry_after = refusal_pause(resp.status_code, resp.headers)
+            if retry_after is not None:
+                resp.request_meta["name"] = REFUSED_NAME
+                resp.success()
+                if _option(self.environment, "heavy_retry_after", False):
+                    self.pause = retry_after
+                return
             problem = heavy_answer_problem(resp.status_code, resp.headers, resp.text or "", n)
             if problem:
                 resp.failure(problem)

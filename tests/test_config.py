@@ -79,6 +79,12 @@ def test_servers_bound_with_dash_b_get_their_own_run_directory(
             {"HEAVYAPP_HEAD_TIMEOUT": "20", "TIMEOUT": "30"},
             r"refusing to start: HEAVYAPP_HEAD_TIMEOUT=20 must be at most half of the timeout",
         ),
+        ({"HEAVYAPP_QUEUE_TIMEOUT": "0"}, "refusing to start: HEAVYAPP_QUEUE_TIMEOUT must be a"),
+        ({"HEAVYAPP_QUEUE_TIMEOUT": "soon"}, "refusing to start: HEAVYAPP_QUEUE_TIMEOUT must be"),
+        (
+            {"HEAVYAPP_QUEUE_TIMEOUT": "30", "TIMEOUT": "30"},
+            r"refusing to start: HEAVYAPP_QUEUE_TIMEOUT=30 must be below the timeout",
+        ),
         # The app's own settings are checked when the app is created: no worker can boot.
         ({"HEAVYAPP_MAX_N": "0"}, "HEAVYAPP_MAX_N must be a positive integer, got 0"),
     ],

@@ -34,9 +34,12 @@ K8S_VERSIONS = ["1.30.0", "1.33.0"]
 GUNICORN_GRACEFUL_TIMEOUT_DEFAULT = 30
 
 
-def manifests() -> list[tuple[str, dict]]:
+QUEUE_HPA_DIR = K8S_DIR / "queue-hpa"
+
+
+def manifests(where: Path = K8S_DIR) -> list[tuple[str, dict]]:
     docs = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
+    for path in sorted(where.glob("*.yaml")):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
                 docs.append((f"{path.name}#{i}", doc))
@@ -74,7 +77,7 @@ def test_k8s_has_deployment_service_and_hpa():
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_validate_strictly(version):
-    for name, doc in manifests():
+    for name, doc in manifests() + manifests(QUEUE_HPA_DIR):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -114,14 +117,46 @@ def test_grace_period_covers_gunicorns_graceful_timeout():
     assert pod["terminationGracePeriodSeconds"] > pre_stop_seconds + graceful
 
 
-def test_probes_hit_healthz_on_the_app_port():
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+
+
+def test_probes_hit_the_app_port_and_liveness_is_never_shed():
+    """Liveness and startup ask /healthz, which the queue gate never refuses; readiness asks
+    /readyz, which it does, so an overloaded pod leaves rotation but is not restarted."""
     container = app_container(by_kind("Deployment"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == 8000
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz", probe
-        assert get["port"] in ("http", 8000), probe
+    paths = {probe: container[probe]["httpGet"]["path"] for probe in PROBES}
+    assert paths == {
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/healthz",
+        "startupProbe": "/healthz",
+    }
+    assert all(container[probe]["httpGet"]["port"] in ("http", 8000) for probe in PROBES)
+    from workers.gates.queue import EXEMPT
+
+    assert b"/healthz" in EXEMPT and b"/readyz" not in EXEMPT
+
+
+def test_queue_hpa_scales_the_deployment_on_metrics_the_adapter_serves():
+    """The variant replaces hpa.yaml (same name); each Pods metric it asks for is one the
+    adapter config defines, from series the kit exports."""
+    deployment = by_kind("Deployment")
+    docs = {doc["kind"]: doc for _, doc in manifests(QUEUE_HPA_DIR)}
+    hpa, adapter = docs["HorizontalPodAutoscaler"], docs["ConfigMap"]
+    assert hpa["metadata"]["name"] == by_kind("HorizontalPodAutoscaler")["metadata"]["name"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    served = {rule["name"]["as"] for rule in rules}
+    assert wanted == served == {"heavyapp_queue_wait_seconds", "heavyapp_shed_per_second"}
+    source = (REPO / "workers" / "gates" / "queue.py").read_text()
+    for rule in rules:
+        series = re.findall(r"(heavyapp_[a-z_]+?)(?:_sum|_count)?\{", rule["metricsQuery"])
+        assert series and all(f'"{name}"' in source for name in series), rule
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_runs_non_root_on_a_read_only_root_filesystem():

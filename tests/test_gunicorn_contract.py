@@ -130,3 +130,14 @@ def test_the_body_is_req_body_and_100_continue_is_sent_in_wsgi_create() -> None:
         assert internals.request_body(req).read(10) == b"abc"
         internals.replace_body(req, b"line\nrest")
         assert req.body.readline() == b"line\n" and req.body.read() == b"rest"
+
+
+def test_listeners_read_their_backlog() -> None:
+    """``listen_backlog``: each of a worker's ``sockets`` answers ``get_backlog`` (TCP_INFO)."""
+    assert "TCP_INFO" in source(sock.TCPSocket.get_backlog)
+    listener = sock.TCPSocket(("127.0.0.1", 0), Config(), Config().logger_class(Config()))
+    try:
+        assert internals.listen_backlog([listener]) == 0
+        assert internals.listen_backlog([]) == -1
+    finally:
+        listener.close()

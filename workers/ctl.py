@@ -170,6 +170,36 @@ def _mark_stopping(rows: list[dict[str, Any]]) -> None:
             row["status"] = "stopping"
 
 
+def queue_figures(metrics_dir: Path) -> dict[str, Any]:
+    """Queue wait and shed counts since the server started, summed over its workers' metrics
+    files (``workers/gates/queue.py`` writes them); the p95 is the bucket bound it falls in."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    figures: dict[str, Any] = {"requests": 0, "mean_wait_ms": None, "p95_wait_ms": None}
+    shed: dict[str, int] = {}
+    buckets: list[tuple[float, float]] = []
+    total = 0.0
+    if metrics_dir.is_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
+        for metric in registry.collect():
+            for sample in metric.samples:
+                if sample.name == "heavyapp_shed_total":
+                    shed[sample.labels["reason"]] = int(sample.value)
+                elif sample.name == "heavyapp_queue_wait_seconds_count":
+                    figures["requests"] = int(sample.value)
+                elif sample.name == "heavyapp_queue_wait_seconds_sum":
+                    total = sample.value
+                elif sample.name == "heavyapp_queue_wait_seconds_bucket":
+                    buckets.append((float(sample.labels["le"]), sample.value))
+    if count := figures["requests"]:
+        figures["mean_wait_ms"] = round(total / count * 1000, 3)
+        bound = next(le for le, n in sorted(buckets) if n >= 0.95 * count)
+        figures["p95_wait_ms"] = None if bound == float("inf") else bound * 1000
+    figures["shed"] = shed
+    return figures
+
+
 def status(server: Server, interval: float) -> dict[str, Any]:
     stats = server.send("show stats")
     workers = server.send("show workers")["workers"]
@@ -221,6 +251,7 @@ def status(server: Server, interval: float) -> dict[str, Any]:
             "run_dir": str(server.run_dir),
         },
         "workers": rows,
+        "queue": queue_figures(Settings.from_env().metrics_dir or server.run_dir / "metrics"),
     }
 
 
@@ -265,7 +296,8 @@ def render_status(data: dict[str, Any]) -> str:
         f"bind {', '.join(m['bind'])}, {m['workers']}/{m['target']} workers, "
         f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}, "
         f"native threads per worker {m['native_threads_detail'] or '-'}, "
-        f"memory (PSS) {_mb(m['pss_mb_total'])} in all, master {_mb(m['pss_mb'])}"
+        f"memory (PSS) {_mb(m['pss_mb_total'])} in all, master {_mb(m['pss_mb'])}; "
+        f"{render_queue(data['queue'])}"
     )
     header = [
         "id", "pid", "status", "uptime", "restarts", "cpu", "mem", "uss", "pss", "requests",
@@ -288,6 +320,17 @@ def render_status(data: dict[str, Any]) -> str:
         for r in data["workers"]
     ]
     return f"{head}\n{table(header, rows)}"
+
+
+def render_queue(q: dict[str, Any]) -> str:
+    shed = ", ".join(f"{reason} {n}" for reason, n in sorted(q["shed"].items())) or "none"
+    if not q["requests"]:
+        return f"queue: no request timed yet; shed: {shed}"
+    p95 = "over 10 s" if q["p95_wait_ms"] is None else f"<= {q['p95_wait_ms']:g} ms"
+    return (
+        f"queue: {q['requests']} requests timed, mean wait {q['mean_wait_ms']:.1f} ms, "
+        f"p95 {p95}; shed: {shed}"
+    )
 
 
 # -- reload and scale ------------------------------------------------------------------------

@@ -5,7 +5,8 @@ It gives any Flask app served by the kit
 - a JSON 500 for a bug in a view, its traceback logged once and journalled as a crash
   (``workers/crashes.py``), and the worker kept (and JSON for HTTP errors the app does not
   answer itself);
-- request counts and latencies by route, and ``GET /metrics`` summed over all workers.
+- request counts and latencies by route, and ``GET /metrics`` summed over all workers;
+- ``GET /readyz``, the readiness probe that fails while the worker sheds load.
 
 ``HeavyWorker`` calls it on the app it loads, so ``heavyapp`` itself never imports the kit;
 calling it yourself as well changes nothing.
@@ -31,6 +32,7 @@ from prometheus_client import (
 from werkzeug.exceptions import HTTPException
 
 from workers import crashes
+from workers.gates import queue
 from workers.settings import Settings, worker_id
 
 log = logging.getLogger("gunicorn.error")
@@ -66,7 +68,19 @@ def _registry() -> CollectorRegistry:
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    registry.register(queue.BacklogCollector())
     return registry
+
+
+@bp.get("/readyz")
+def readyz() -> Response | tuple[Response, int, dict[str, str]]:
+    """Readiness: 503 while this worker cuts a standing queue (and, like any request, when it
+    waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so Kubernetes takes an overloaded pod out of
+    rotation; ``/healthz`` (liveness) is never shed, so it never restarts one."""
+    if queue.shedding():
+        answer = jsonify(error="overloaded: shedding a standing queue")
+        return answer, 503, {"Retry-After": queue.RETRY_AFTER}
+    return jsonify(status="ready")
 
 
 def _request_started() -> None:

@@ -90,12 +90,6 @@ def is_reexec() -> bool:
     return "GUNICORN_PID" in os.environ
 
 
-def listen_backlog(arbiter: gunicorn.arbiter.Arbiter) -> int:
-    """Connections waiting in the first listener's accept queue (Gunicorn's ``get_backlog``,
-    which reads ``TCP_INFO``; -1 where it cannot tell)."""
-    return arbiter.LISTENERS[0].get_backlog() if arbiter.LISTENERS else -1
-
-
 def set_listener_options(listeners: Iterable[Any], options: Iterable[tuple[int, int, int]]) -> None:
     """``setsockopt`` each of ``options`` on each TCP listener a worker was handed.
 
@@ -144,3 +138,10 @@ def replace_body(req: Any, data: bytes) -> None:
     """Hand the app ``data`` (the body, read already) as ``wsgi.input``, with Gunicorn's own
     ``Body`` so ``read``, ``readline`` and iteration behave as they did."""
     req.body = Body(LengthReader(IterUnreader([data]), len(data)))
+
+
+def listen_backlog(listeners: Iterable[Any]) -> int:
+    """Connections waiting in the accept queues of ``listeners`` (Gunicorn's ``get_backlog``,
+    which reads ``TCP_INFO``); -1 where none can tell (a unix socket, not Linux)."""
+    depths = [d for d in (listener.get_backlog() for listener in listeners) if d >= 0]
+    return sum(depths) if depths else -1

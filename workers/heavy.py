@@ -11,9 +11,10 @@ On top of the sync worker, each worker
 - has ``faulthandler`` write the traceback of a fatal signal where the master will find it;
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
-- lets a connection reach the app only through its gates (``workers/gates/``): the request head
-  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, then the whole body read into memory within
-  ``HEAVYAPP_BODY_TIMEOUT`` (no read before the app can block past those deadlines);
+- lets a connection reach the app only through its gates (``workers/gates/``): a queue wait
+  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and CoDel's cut of a standing queue), the request head
+  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, a client still there, then the whole body read into
+  memory within ``HEAVYAPP_BODY_TIMEOUT`` (no read before the app can block past a deadline);
 - keeps idle connections away from it (``TCP_DEFER_ACCEPT``) and closes each connection after
   its answer without lingering on a client that does not close;
 - answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
@@ -38,7 +39,7 @@ from gunicorn.http.errors import InvalidProxyHeader
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
-from workers.gates import Gate, Refusal
+from workers.gates import Gate, Refusal, queue
 from workers.gates.body import BodyRead
 from workers.gates.deadline import (
     SO_TIMESTAMPNS,
@@ -103,8 +104,13 @@ class HeavyWorker(SyncWorker):
         internals.close_connections_with(close_promptly)
         internals.set_listener_options(self.sockets, LISTENER_OPTIONS)
         self.settings = Settings.from_env()
+        # The queue first: a request that already waited too long is refused before any wait
+        # for its head; the departed-client check last, just before the app.
+        self.queue = queue.QueueWait(self.settings.queue_deadline, self.log, self.sockets)
         self.gates: list[Gate] = [
-            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT)
+            self.queue,
+            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT),
+            queue.ClientGone(),
         ]
         self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
         self.exit_reason = "asked to stop"
@@ -147,6 +153,7 @@ class HeavyWorker(SyncWorker):
 
         if isinstance(self.wsgi, Flask):
             flask_ext.init_app(self.wsgi)
+        self.queue.ready()
 
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)
@@ -154,18 +161,21 @@ class HeavyWorker(SyncWorker):
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
         client = DeadlineSocket.adopt(client)
+        picked = time.monotonic()
         for gate in self.gates:
             refusal = gate.check(client, addr)
             if refusal is not None:
-                self.refuse(client, refusal)
+                self.refuse(client, addr, refusal, picked)
                 return
         self.notify()  # a slow head must not eat into the request's own time budget
         super().handle(listener, client, addr)
 
-    def refuse(self, client: socket.socket, refusal: Refusal) -> None:
-        """Answer for a gate and close."""
+    def refuse(self, client: socket.socket, addr: Any, refusal: Refusal, picked: float) -> None:
+        """Answer for a gate, close without lingering, and give the request its access line."""
         self.answer(client, refusal)
-        util.close_graceful(client)
+        close_promptly(client)
+        if refusal.logged:
+            queue.log_refusal(self.log, refusal, addr, time.monotonic() - picked)
 
     def answer(self, client: socket.socket, refusal: Refusal) -> None:
         """Write a gate's answer (the client may be gone already: no error of its costs

@@ -195,6 +195,17 @@ class Settings:
         1_048_576,
         "largest request body; a larger one gets a 413 (a declared length before a byte is read)",
     )
+    queue_timeout: float | None = setting(
+        "HEAVYAPP_QUEUE_TIMEOUT",
+        None,
+        "seconds a request may wait for a worker (kernel-timed, from its first bytes' arrival) "
+        "before it is answered 503 with `Retry-After` instead of being served; under a standing "
+        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`. 2 s: past "
+        "most users' patience, and 50 requests of 40 ms ahead of it per worker, a standing queue, "
+        "not a burst; for requests of seconds, ten times the usual request or more",
+        kind="seconds",
+        shown="`2`, or half of `TIMEOUT` if less",
+    )
     max_rss_mb: int | None = setting(
         "HEAVYAPP_MAX_RSS_MB",
         None,
@@ -246,6 +257,11 @@ class Settings:
                 raise SettingsError(
                     f"{name}={value:g} must be at most half of the timeout ({self.timeout}s)"
                 )
+        if self.queue_timeout is not None and self.queue_timeout >= self.timeout:
+            raise SettingsError(
+                f"HEAVYAPP_QUEUE_TIMEOUT={self.queue_timeout:g} must be below the timeout "
+                f"({self.timeout}s)"
+            )
 
     # -- what follows from the values ---------------------------------------------------------
 
@@ -268,6 +284,11 @@ class Settings:
     def body_deadline(self) -> float:
         """Seconds for a whole request, at most half of ``timeout`` like ``head_deadline``."""
         return self.body_timeout if self.body_timeout is not None else min(10, self.timeout / 2)
+
+    @property
+    def queue_deadline(self) -> float:
+        """Seconds a request may wait for a worker: always below ``timeout``."""
+        return self.queue_timeout if self.queue_timeout is not None else min(2, self.timeout / 2)
 
     def run_dir(self, bind: str | None = None) -> Path:
         """Where one server keeps its control socket, worker state, metrics and crash journal.

@@ -21,6 +21,10 @@ class Refusal:
     message: str
     headers: tuple[tuple[str, str], ...] = ()
     warning: str | None = None  # one line for the error log, if an operator should hear of it
+    #: The status of the one access line this refusal gets (499: the client left), 0 for none;
+    #: ``request_line`` is what the client asked, as peeked (Gunicorn never parsed it).
+    logged: int = 0
+    request_line: str = ""
 
 
 class Gate(Protocol):

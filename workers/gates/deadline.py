@@ -24,7 +24,8 @@ from workers.gates import Refusal
 
 #: ``SO_TIMESTAMPNS`` on Linux (asm-generic); Python's socket module has no constant for it.
 SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@ll")
+_TIMESPEC = struct.Struct("@ll")  # struct timespec: time_t tv_sec, long tv_nsec
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 class Refused(Exception):
@@ -87,21 +88,37 @@ class DeadlineSocket(socket.socket):
             raise Refused(self.missed) from None
 
 
+def peek(client: socket.socket, size: int = 1) -> tuple[float | None, bytes]:
+    """(kernel receive time of the queued bytes on the ``time.time()`` clock, up to ``size`` of
+    those bytes), without waiting or consuming. The time is ``inf`` when nothing arrived yet,
+    None when the kernel gave no stamp (``SO_TIMESTAMPNS`` not set on the listener) or the
+    connection broke.
+
+    TCP merges a later segment into the one queued before it and keeps the later stamp: a head
+    sent in pieces reads the last piece's arrival (a shorter wait, never a longer one), and a
+    client that left reads its FIN's."""
+    try:
+        data, ancillary, _, _ = client.recvmsg(
+            size, _ANCILLARY, socket.MSG_PEEK | socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        return float("inf"), b""
+    except OSError:  # not ours to judge: the parser reports it
+        return None, b""
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
+            return seconds + nanoseconds / 1e9, data
+    return None, data
+
+
 def first_byte_at(client: socket.socket) -> float | None:
     """When the connection's first unread byte arrived, on the monotonic clock; None if no byte
-    is there yet or the kernel gave no stamp (``SO_TIMESTAMPNS`` not set on the listener)."""
-    try:
-        _, ancillary, _, _ = client.recvmsg(
-            1, socket.CMSG_SPACE(_TIMESPEC.size), socket.MSG_PEEK | socket.MSG_DONTWAIT
-        )
-    except OSError:
+    is there yet or the kernel gave no stamp."""
+    arrived, _ = peek(client)
+    if arrived is None or arrived == float("inf"):
         return None
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
-            sec, nsec = _TIMESPEC.unpack_from(data)
-            waited = max(time.time() - (sec + nsec / 1e9), 0.0)
-            return time.monotonic() - waited
-    return None
+    return time.monotonic() - max(time.time() - arrived, 0.0)
 
 
 #: How long a connection is drained after its answer while the client is still sending.

@@ -1,7 +1,8 @@
 """``HEAVYAPP_LOG_FORMAT=json``: one JSON object per log line, for log shippers that parse.
 
 Each object has ``time``, ``level``, ``logger``, ``pid``, ``role`` (master | worker),
-``worker_id`` and ``message``; access lines add the request's fields, error lines with an
+``worker_id`` and ``message``; access lines add the request's fields (``queue_wait_ms``: how
+long it waited for a worker, null when unknown), error lines with an
 exception its ``traceback`` (inside the object: a line stays a line).
 """
 
@@ -27,6 +28,7 @@ def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
         "bytes": atoms["B"],
         "duration_ms": round(atoms["D"] / 1000, 3),
         "user_agent": atoms["a"],
+        "queue_wait_ms": atoms.get("queue_wait_ms"),
     }
 
 
