@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from collections.abc import Callable
 from email.message import Message
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+import pytest
 
 
 def poll_until(
@@ -55,3 +58,11 @@ def http_get(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int,
     except ValueError:
         data = None
     return resp.status, data, resp.headers
+
+
+def unavailable(message: str, required_by: str) -> NoReturn:
+    """Skip a test whose tool is missing, saying so, or fail where ``required_by`` (a switch CI
+    sets, e.g. ``HEAVYAPP_REQUIRE_DOCKER``) forbids skipping."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{message} ({required_by}=1 forbids skipping)", pytrace=False)
+    pytest.skip(reason=message)

@@ -12,13 +12,14 @@ schema) or ``docker compose config -q`` where the v2 plugin exists.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from helpers import unavailable
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
 kubernetes_validate = pytest.importorskip(
@@ -235,10 +236,10 @@ def compose_cli() -> list[str] | None:
 def test_compose_file_passes_compose_config():
     cli = compose_cli()
     if cli is None:
-        message = "no docker-compose / docker compose (apt-get install -y docker-compose)"
-        if os.environ.get("HEAVYAPP_REQUIRE_DOCKER") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(reason=message)
+        unavailable(
+            "no docker-compose / docker compose (apt-get install -y docker-compose)",
+            "HEAVYAPP_REQUIRE_DOCKER",
+        )
     proc = subprocess.run(
         [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO
     )

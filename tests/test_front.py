@@ -29,7 +29,7 @@ import pytest
 from harness.attack import run_attack
 from harness.nginx import NGINX_CONF, NginxFront, fronting, nginx_binary, placeholders, render
 from harness.server import REPO, GunicornServer, free_port
-from helpers import http_get, poll_until
+from helpers import http_get, poll_until, unavailable
 
 pytestmark = pytest.mark.front
 
@@ -45,10 +45,7 @@ def nginx() -> str:
     """The nginx binary, or a skip naming the fix (a failure where CI demands nginx)."""
     found = nginx_binary()
     if found is None:
-        message = "no nginx binary (apt-get install nginx)"
-        if os.environ.get("HEAVYAPP_REQUIRE_NGINX") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(reason=message)
+        unavailable("no nginx binary (apt-get install nginx)", "HEAVYAPP_REQUIRE_NGINX")
     return found
 
 
