@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint experiment bench clean
+.PHONY: venv run test lint experiment load-tools bench clean
 
 venv: $(STAMP)
 
@@ -24,13 +24,16 @@ lint: venv
 test: venv lint
 	$(BIN)/pytest
 
-experiment: venv
+experiment: venv load-tools
 	$(BIN)/python -m loadtest.experiment
 
-# bench.overload loads with Debian's hey (open loop) and wrk (capacity); apt-get needs root.
-bench: venv
+# The experiment and bench.overload load with Debian's hey (open loop) and wrk (capacity);
+# apt-get needs root.
+load-tools:
 	command -v hey >/dev/null && command -v wrk >/dev/null || { apt-get update -qq \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey wrk >/dev/null; }
+
+bench: venv load-tools
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.overhead
