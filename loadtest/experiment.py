@@ -180,7 +180,8 @@ def measure(label: str, server: GunicornServer, load: Load, kit: ModuleType) -> 
 
 def overload(label: str, server: GunicornServer, spec: Overload) -> OverloadResult:
     """Offer ``spec.rate`` requests/s for ``spec.duration_s``, then time the recovery."""
-    say(f"{label}: {len(server.worker_pids())} workers at {server.url}; {spec.rate} rps offered")
+    workers = len(server.worker_pids())
+    say(f"{label}: {workers} workers at {server.url}; {spec.rate} rps offered")
     run = open_loop(
         f"{server.url}/heavy?n={spec.heavy_n}", spec.rate, spec.duration_s, timeout=spec.timeout_s
     )
@@ -189,7 +190,7 @@ def overload(label: str, server: GunicornServer, spec: Overload) -> OverloadResu
         f"{server.url}/healthz", within=spec.timeout_s, limit=spec.recovery_limit_s
     )
     say(f"  /healthz answered in time {recovery:.1f} s after the load")
-    return OverloadResult.of(label, len(server.worker_pids()), run, recovery)
+    return OverloadResult.of(label, workers, run, recovery)
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def overload_markdown(results: list[OverloadResult], spec: Overload, chart: str)
     return f"""## Past capacity: stock Gunicorn's pool vs the kit's
 
 Capacity of the kit's pool, measured first (`wrk`, a closed loop saturating it): \
-**{spec.capacity_rps:.1f} requests/s**. Each pool, alone on the machine in turn, then got \
+**{spec.capacity_rps:.1f} requests/s**. Each pool in turn (the other one stopped) then got \
 {spec.multiple:g}x that, **{spec.rate} requests/s** for {spec.duration_s} s, open loop (`hey`: \
 new requests arrive whatever happened to the earlier ones, as a public service's users do), \
 `GET /heavy?n={spec.heavy_n}`, client timeout {spec.timeout_s} s. Stock is \
