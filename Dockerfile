@@ -6,7 +6,9 @@
 # Worker count: gunicorn_conf.py sizes the pool from the container's CPU quota
 # (cgroup v1 cpu.cfs_quota_us/cpu.cfs_period_us or v2 cpu.max, rounded up), not
 # from os.cpu_count(), so `--cpus=1` gives 1 worker even on a 64-core host.
-# WEB_CONCURRENCY overrides it.
+# WEB_CONCURRENCY overrides it. numpy ships in the image (the app's /matmul and
+# /predict); each worker's BLAS/OpenMP pool gets usable CPUs / workers threads,
+# so `--cpus=2` gives 2 workers with 1 native thread each.
 #
 # Stopping: STOPSIGNAL is SIGTERM, Gunicorn's graceful stop: workers finish the
 # request in hand, for at most GRACEFUL_TIMEOUT (30 s by default). `docker stop`

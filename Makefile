@@ -3,15 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXTRAS := dev,load
 
-.PHONY: venv run test lint experiment load-tools bench clean
+.PHONY: venv run test test-newest lint experiment load-tools bench clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,load]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 run: venv
@@ -23,6 +24,21 @@ lint: venv
 
 test: venv lint
 	$(BIN)/pytest
+
+# CI also runs the suite on the newest Python the machine offers (issue 13), from pyenv, in its
+# own venv, within CI's time: not the image (its base sets its Python), nor what tests third-party
+# tools rather than the kit (nginx in front, Locust and matplotlib, so no load extra either).
+NEWEST := 3.13
+NEWEST_VENV := .venv-$(NEWEST)
+
+test-newest:
+	@py=$$(ls -v $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(NEWEST).*/bin/python$(NEWEST) 2>/dev/null \
+	    | tail -n 1); \
+	if [ -z "$$py" ]; then \
+	    echo "test-newest: no Python $(NEWEST) in pyenv (pyenv install $(NEWEST))" >&2; exit 1; \
+	fi; \
+	$(MAKE) --no-print-directory VENV=$(NEWEST_VENV) PYTHON=$$py EXTRAS=dev venv
+	$(NEWEST_VENV)/bin/pytest -m "not container and not front" --ignore=tests/test_loadtest.py
 
 experiment: venv load-tools
 	$(BIN)/python -m loadtest.experiment
@@ -39,6 +55,8 @@ bench: venv load-tools
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.overload
+	$(BIN)/python -m bench.clients
+	$(BIN)/python -m bench.native
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .ruff_cache *.egg-info

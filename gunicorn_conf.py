@@ -26,6 +26,8 @@ timeout = kit.timeout
 graceful_timeout = kit.graceful_timeout
 max_requests = kit.max_requests
 max_requests_jitter = kit.max_requests_jitter
+# HEAVYAPP_PRELOAD=1: the app and its model load once in the master; the workers share the pages.
+preload_app = kit.preload_app
 
 worker_class = "workers.heavy.HeavyWorker"
 proc_name = "heavyapp"

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the servers they compare, the servers' CPU counters, a
-warm-up, and markdown tables.
+warm-up, markdown tables, and the copy of each script's output kept in docs/bench/.
 
 Every figure the scripts print is measured in the same run as the figures it is compared with:
 the machine is shared and noisy, so only side-by-side numbers and ratios mean anything.
@@ -8,6 +8,7 @@ the machine is shared and noisy, so only side-by-side numbers and ratios mean an
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
 import shutil
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
@@ -24,6 +26,8 @@ from harness.server import GunicornServer, ServerError, free_port, serving
 from loadtest.closedloop import ClosedLoop, Report
 from loadtest.cpu import server_cpu_s, usable_cores
 
+#: Where each script's latest output is kept, as docs/benchmarks.md says.
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "bench"
 BIN = Path(sys.executable).parent
 #: Builds one server, not started yet, from its worker count.
 Maker = Callable[[int], GunicornServer]
@@ -182,3 +186,27 @@ def client_note(runs: Sequence[Measurement]) -> str:
         f"{usable_cores()} cores, other processes (a shared machine) {others:.0%}: the servers had "
         "that much less CPU than the machine has."
     )
+
+
+class _Tee(io.StringIO):
+    """Keeps what is printed and passes it on to the terminal as it comes."""
+
+    def __init__(self, terminal: TextIO) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def write(self, text: str) -> int:
+        self.terminal.write(text)
+        self.terminal.flush()
+        return super().write(text)
+
+
+def record(main: Callable[[], None]) -> None:
+    """Run a bench script's ``main``, printing as usual, and write what it printed to
+    docs/bench/<script>.md once it completes (a failed run leaves the last good page)."""
+    script = Path(sys.modules[main.__module__].__file__ or "bench").stem
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        main()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{script}.md").write_text(tee.getvalue())

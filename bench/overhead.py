@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from bench.common import Measurement, client_note, machine, measure, median, table, warm_up
+from bench.common import Measurement, client_note, machine, measure, median, record, table, warm_up
 from harness.server import GunicornServer, serving
 from loadtest.closedloop import ClosedLoop
 
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

@@ -33,6 +33,7 @@ from bench.common import (
     machine_busy,
     others_share,
     peers,
+    record,
     start_all,
     stock_gunicorn,
     table,
@@ -184,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

@@ -31,6 +31,7 @@ from bench.common import (
     measure,
     median,
     peers,
+    record,
     start_all,
     table,
     warm_up,
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

@@ -19,6 +19,7 @@ from bench.common import (
     machine,
     measure,
     median,
+    record,
     share_of_cpu_left,
     table,
     warm_up,
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    record(main)

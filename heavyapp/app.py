@@ -13,17 +13,17 @@ import time
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import Histogram
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
-from heavyapp import chaos
+from heavyapp import chaos, native
 from heavyapp.settings import Settings, worker_id
-from heavyapp.work import BadParameter, count, parse_count
+from heavyapp.work import BadParameter, count, json_count, parse_count
 
 log = logging.getLogger("gunicorn.error")
 
 WORK_SIZE = Histogram(
     "heavyapp_heavy_work_size",
-    "n counted by GET /heavy (loop iterations).",
+    "n counted by /heavy (loop iterations).",
     buckets=(1e3, 1e4, 1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7),
 )
 
@@ -35,16 +35,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.chaos:
         log.warning("HEAVYAPP_CHAOS=1: /chaos/* endpoints are enabled; never do this in production")
         app.register_blueprint(chaos.bp)
+    native.init_app(app, settings)  # /matmul, /predict, and the model if there is one
 
-    @app.get("/heavy")
-    def heavy() -> Response:
-        n = parse_count(
-            request.args.getlist("n"),
-            name="n",
-            default=settings.default_n,
-            maximum=settings.max_n,
-            bound_by="HEAVYAPP_MAX_N",
-        )
+    def work(n: int) -> Response:
         started = time.perf_counter()
         total = count(n)
         WORK_SIZE.observe(n)
@@ -56,6 +49,22 @@ def create_app(settings: Settings | None = None) -> Flask:
             worker_id=worker_id(),
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    bounds = {"name": "n", "default": settings.default_n, "maximum": settings.max_n}
+
+    @app.get("/heavy")
+    def heavy() -> Response:
+        return work(parse_count(request.args.getlist("n"), bound_by="HEAVYAPP_MAX_N", **bounds))
+
+    @app.post("/heavy")
+    def heavy_json() -> Response:
+        """The same work for a JSON body ``{"n": N}``: how a service takes real input."""
+        if not request.is_json:
+            raise UnsupportedMediaType("send the body as application/json")
+        payload = request.get_json(silent=True)
+        if payload is None:
+            raise BadRequest("the body is not valid JSON")
+        return work(json_count(payload, bound_by="HEAVYAPP_MAX_N", **bounds))
 
     @app.get("/healthz")
     def healthz() -> Response:

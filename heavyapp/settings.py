@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+#: The largest model the app builds: a typo like 40960 must not take the host's memory.
+MAX_MODEL_MB = 4096
+
 
 class SettingsError(ValueError):
     """A setting has a value the app refuses; the message names the variable."""
@@ -44,6 +47,18 @@ class Settings:
         "HEAVYAPP_DEFAULT_N", 1_000_000, "`/heavy` work size when `n` is not given", minimum=0
     )
     max_n: int = _setting("HEAVYAPP_MAX_N", 50_000_000, "the largest `n` `/heavy` accepts")
+    max_matmul_size: int = _setting(
+        "HEAVYAPP_MAX_MATMUL_SIZE",
+        2000,
+        "the largest `size` `/matmul` accepts (an NxN product costs 2N³ operations)",
+    )
+    model_mb: int = _setting(
+        "HEAVYAPP_MODEL_MB",
+        0,
+        f"MB of read-only model built when the app is created, searched by `/predict` "
+        f"(`0`: none; at most {MAX_MODEL_MB})",
+        minimum=0,
+    )
     chaos: bool = _setting(
         "HEAVYAPP_CHAOS",
         False,
@@ -63,6 +78,10 @@ class Settings:
         if settings.default_n > settings.max_n:
             raise SettingsError(
                 f"HEAVYAPP_DEFAULT_N={settings.default_n} is above HEAVYAPP_MAX_N={settings.max_n}"
+            )
+        if settings.model_mb > MAX_MODEL_MB:
+            raise SettingsError(
+                f"HEAVYAPP_MODEL_MB must be at most {MAX_MODEL_MB}, got {settings.model_mb}"
             )
         return settings
 

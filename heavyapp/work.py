@@ -6,6 +6,7 @@ whole run, so only more *processes* (not threads) make more of them run at once.
 
 from __future__ import annotations
 
+import json
 import re
 
 #: More digits than any sane bound has; longer values are refused before any parsing.
@@ -51,3 +52,20 @@ def parse_count(
         source = f" ({bound_by})" if bound_by else ""
         raise BadParameter(f"{name}={value} is above the maximum {maximum}{source}")
     return value
+
+
+def json_count(
+    payload: object, *, name: str, default: int, maximum: int, bound_by: str | None = None
+) -> int:
+    """``name`` from a JSON object body as a count, with the same bounds as ``parse_count``.
+
+    Only a JSON integer is accepted (not ``true``, ``1.0`` or ``"12"``); absent means
+    ``default``."""
+    if not isinstance(payload, dict):
+        raise BadParameter(f'the body must be a JSON object like {{"{name}": 1000}}')
+    if name not in payload:
+        return default
+    value = payload[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadParameter(f"{name} must be a non-negative integer, got {json.dumps(value)}")
+    return parse_count([str(value)], name=name, default=default, maximum=maximum, bound_by=bound_by)

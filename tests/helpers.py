@@ -1,4 +1,5 @@
-"""The test files' shared helpers: one polling loop and one HTTP client call."""
+"""The test files' shared helpers: one polling loop, and one HTTP call for exact request targets
+(tests otherwise use ``requests``, which normalises a target: ``/a/../b`` becomes ``/b``)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def poll_until(
 
 
 def http_get(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int, Any, Message]:
-    """(status, JSON body or None, headers) of one request, whatever the status; redirects are
-    not followed and the target is sent as written. Raises OSError or http.client.HTTPException
-    when the connection broke."""
+    """(status, JSON body or None, headers) of one request whose target is sent exactly as written
+    (for the fuzz and bad-input tests), whatever the status; redirects are not followed. Raises
+    OSError or http.client.HTTPException when the connection broke."""
     parts = urlsplit(url)
     target = url.split(parts.netloc, 1)[1] or "/"  # exact: urlsplit would drop a bare "?"
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)

@@ -68,7 +68,7 @@ def test_unknown_path_is_a_json_404(client: FlaskClient) -> None:
 
 
 def test_wrong_method_is_a_json_405(client: FlaskClient) -> None:
-    resp = client.post("/heavy")
+    resp = client.put("/heavy")  # GET and POST (JSON) only
     assert resp.status_code == 405 and "Method Not Allowed" in resp.get_json()["error"]
 
 

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dockerkit
 from harness.server import free_port
-from helpers import http_get, poll_until
+from helpers import poll_until
 
 # The first test to need the image pays for the base image (debootstrap, about 1-2 min on a cold
 # machine) and the build; everything inside has its own shorter bounds.
@@ -124,9 +125,9 @@ class Container:
         return sorted(p["pid"] for p in self.processes() if p["ppid"] == master)
 
     def healthz(self) -> dict:
-        status, body, _ = http_get(f"http://127.0.0.1:{self.port}/healthz", timeout=5)
-        assert status == 200, body
-        return body
+        answer = requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
 
     def wait_ready(self, workers: int, timeout: float = 30) -> None:
         """Until /healthz answers and the pool has its size (logged and in the process tree)."""
@@ -286,6 +287,25 @@ def test_two_cpus_read_only_root_gives_two_workers_and_a_clean_start(containers)
 
 
 @pytest.mark.container
+def test_two_cpus_give_each_worker_one_native_thread(containers):
+    """numpy ships in the image, and its BLAS pool is sized from the container's quota."""
+    c = containers("cpus2-native", "--cpus=2")
+    c.wait_ready(workers=2)
+    assert "native threads per worker: 1 (2 usable CPUs / 2 workers)" in c.logs(), c.logs()
+    pools: dict[int, int] = {}
+
+    def both() -> bool:
+        resp = requests.get(f"http://127.0.0.1:{c.port}/matmul?size=100", timeout=10)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        pools[body["pid"]] = body["blas_threads"]
+        return len(pools) == 2
+
+    poll_until(both, 30, "/matmul from both workers", every=0.01)
+    assert set(pools.values()) == {1}, pools
+
+
+@pytest.mark.container
 def test_docker_stop_lets_an_in_flight_request_finish(containers):
     c = containers("stop", "--cpus=1")
     c.wait_ready(workers=1)
@@ -295,7 +315,8 @@ def test_docker_stop_lets_an_in_flight_request_finish(containers):
     def call():
         try:
             url = f"http://127.0.0.1:{c.port}/heavy?n=40000000"
-            result["status"], result["body"], _ = http_get(url, timeout=60)
+            answer = requests.get(url, timeout=60)
+            result["status"], result["body"] = answer.status_code, answer.json()
         except Exception as exc:
             result["error"] = exc
 

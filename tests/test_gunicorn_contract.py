@@ -6,8 +6,12 @@ pyproject pins ``gunicorn>=27,<28``; before widening that, make these pass on th
 from __future__ import annotations
 
 import inspect
+import socket
 
-from gunicorn import arbiter, util
+from gunicorn import arbiter, sock, util
+from gunicorn.config import Config
+from gunicorn.http import message, wsgi
+from gunicorn.http.parser import RequestParser
 from gunicorn.workers import base, sync
 
 from workers import gunicorn_internals as internals
@@ -33,6 +37,13 @@ def test_scale_down_retires_the_lowest_age_first() -> None:
 
 def test_the_num_workers_setter_calls_nworkers_changed() -> None:
     assert "nworkers_changed" in source(arbiter.Arbiter._set_num_workers)
+
+
+def test_the_first_worker_count_is_set_before_the_app_is_preloaded() -> None:
+    """The hooks set the native thread variables and the metrics directory in the first
+    ``nworkers_changed``, which must come before ``preload_app`` imports the app."""
+    setup = source(arbiter.Arbiter.setup)
+    assert setup.index("self.num_workers = self.cfg.workers") < setup.index("self.app.wsgi()")
 
 
 def test_error_answers_are_written_by_util_write_error() -> None:
@@ -83,3 +94,39 @@ def test_exit_statuses_keep_only_workers_and_each_is_taken_once() -> None:
     statuses = internals.ExitStatuses(FakeOs(), lambda pid: pid == 42)
     assert [statuses.waitpid(-1, 0) for _ in range(3)] == [(41, 9), (42, 256), (0, 0)]
     assert statuses.statuses == {42: 256}
+
+
+def test_listeners_pass_setsockopt_to_their_socket() -> None:
+    """``set_listener_options`` calls ``setsockopt`` on ``Worker.sockets``' objects."""
+    assert "self.sockets = sockets" in source(base.Worker.__init__)
+    listener = sock.TCPSocket(("127.0.0.1", 0), Config(), Config().logger_class(Config()))
+    try:
+        internals.set_listener_options([listener], [(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)])
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 1
+    finally:
+        listener.close()
+
+
+def test_the_sync_worker_closes_each_connection_with_util_close_graceful() -> None:
+    """``close_connections_with`` replaces the module function the sync worker calls."""
+    assert "util.close_graceful(client)" in source(sync.SyncWorker.handle)
+    assert next(iter(inspect.signature(util.close_graceful).parameters)) == "sock"
+
+
+def test_the_body_is_req_body_and_100_continue_is_sent_in_wsgi_create() -> None:
+    """``take_expect_continue``, ``request_body`` and ``replace_body`` lean on these names."""
+    create = source(wsgi.create)
+    assert "if req._expected_100_continue:" in create
+    assert '"wsgi.input": req.body' in source(wsgi.default_environ)
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(
+            b"POST /x HTTP/1.1\r\nHost: x\r\ncontent-length: 3\r\nExpect: 100-continue\r\n\r\nabc"
+        )
+        req = next(RequestParser(Config(), right, ("127.0.0.1", 1)))
+        assert isinstance(req, message.Request)
+        assert internals.declared_length(req) == 3
+        assert internals.take_expect_continue(req) and not req._expected_100_continue
+        assert internals.request_body(req).read(10) == b"abc"
+        internals.replace_body(req, b"line\nrest")
+        assert req.body.readline() == b"line\n" and req.body.read() == b"rest"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -11,8 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.server import GunicornServer
-from helpers import http_get, poll_until
+from helpers import poll_until
 from workers import ctl
 from workers.settings import Settings
 from workers.shared import jsonlog, titles
@@ -35,17 +33,18 @@ N = 20_000  # a /heavy request of about a millisecond
 
 def get_pid(url: str) -> int:
     """GET ``url``; the pid of the worker that answered it (any non-200 fails the test)."""
-    status, body, headers = http_get(url)
-    assert status == 200, body
-    return int(headers["X-Worker-Pid"])
+    answer = requests.get(url, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return int(answer.headers["X-Worker-Pid"])
 
 
 def scrape(server: GunicornServer) -> tuple[int, dict[tuple[str, frozenset], float]]:
     """(pid of the worker that answered, {(sample name, labels): value}) of one ``/metrics``."""
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as resp:
-        assert resp.headers["Content-Type"].startswith("text/plain")
-        text = resp.read().decode()
-        pid = int(resp.headers["X-Worker-Pid"])
+    resp = requests.get(f"{server.url}/metrics", timeout=10)
+    resp.raise_for_status()
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = resp.text
+    pid = int(resp.headers["X-Worker-Pid"])
     samples = {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -120,9 +119,8 @@ def test_request_counter_sums_across_workers(server: GunicornServer) -> None:
 def test_crash_counts_as_an_exit_with_its_cause(start_server: Start) -> None:
     server = start_server(workers=2, env={"HEAVYAPP_CHAOS": "1"})
     before = set(server.worker_pids())
-    request = urllib.request.Request(f"{server.url}/chaos/exit", method="POST")
-    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
-        urllib.request.urlopen(request, timeout=10)
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"{server.url}/chaos/exit", timeout=10)
 
     def replaced() -> set[int] | None:
         pids = set(server.worker_pids())
@@ -140,8 +138,8 @@ def test_crash_counts_as_an_exit_with_its_cause(start_server: Start) -> None:
     samples = poll_until(counted, 15, "the exit counted")
     assert value(samples, "heavyapp_worker_starts_total") == 3
     assert value(samples, "heavyapp_workers") == 2
-    requests = "heavyapp_http_requests_total"
-    answered = {dict(labels)["endpoint"] for name, labels in samples if name == requests}
+    total = "heavyapp_http_requests_total"
+    answered = {dict(labels)["endpoint"] for name, labels in samples if name == total}
     assert "/healthz" in answered and "/chaos/exit" not in answered, "the crash answered nothing"
 
 
@@ -294,7 +292,7 @@ def test_heavyctl_says_when_no_server_runs(tmp_path: Path) -> None:
 @pytest.mark.server
 def test_json_logs_parse_and_name_the_worker(start_server: Start) -> None:
     server = start_server(workers=2, env={"HEAVYAPP_LOG_FORMAT": "json"})
-    _, _, headers = http_get(f"{server.url}/heavy?n={N}", timeout=10)
+    headers = requests.get(f"{server.url}/heavy?n={N}", timeout=10).headers
     pid, wid = int(headers["X-Worker-Pid"]), int(headers["X-Worker-Id"])
     server.wait_for_log(r'"path": "/heavy"')
     server.stop()

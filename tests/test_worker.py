@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import os
 import re
 import signal
@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+import requests
 
 from harness.server import GunicornServer
-from helpers import http_get, poll_until
+from helpers import poll_until
 from workers.crashes import read_journal
 from workers.shared import titles
 
@@ -27,8 +28,8 @@ CHAOS = {"HEAVYAPP_CHAOS": "1"}
 def call(url: str, method: str = "GET", timeout: float = 30) -> int:
     """The status of one request; 0 when the connection broke (the worker died under it)."""
     try:
-        return http_get(url, method, timeout)[0]
-    except (OSError, http.client.HTTPException):
+        return requests.request(method, url, timeout=timeout).status_code
+    except requests.RequestException:
         return 0
 
 
@@ -108,6 +109,7 @@ def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
     with background_traffic(server) as traffic:
         poll_until(lambda: len(traffic.statuses) >= 5, 10, "traffic flowing")
         os.kill(victim, signal.SIGKILL)
+        server.wait_for_workers(2, exclude={victim})  # not instant: it may still be listed
         after = server.wait_for_ids({0, 1})
         served = len(traffic.statuses)
         poll_until(lambda: len(traffic.statuses) >= served + 5, 10, "traffic after the kill")
@@ -126,9 +128,9 @@ def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
 def test_exception_answers_500_json_and_the_worker_lives(start_server: Start) -> None:
     server = start_server(workers=2, env=CHAOS)
     before = server.wait_for_ids({0, 1})
-    status, body, headers = http_get(f"{server.url}/chaos/exception", "POST")
-    assert status == 500 and body["error"]
-    pid = int(headers["X-Worker-Pid"])
+    answer = requests.post(f"{server.url}/chaos/exception", timeout=30)
+    assert answer.status_code == 500 and answer.json()["error"]
+    pid = int(answer.headers["X-Worker-Pid"])
     lines = server.wait_for_log(rf"\[{pid}\] \[worker \d\] \[ERROR\] unhandled exception in POST")
     assert len(lines) == 1
     assert server.log_text().count("RuntimeError: chaos: an exception was requested") == 1
@@ -194,6 +196,19 @@ def served_per_title(server: GunicornServer) -> int:
         assert match, title
         served += int(match.group(1))
     return served
+
+
+def test_a_repeated_sigterm_still_ends_in_a_clean_exit(server: GunicornServer) -> None:
+    """Gunicorn's master repeats SIGTERM every second to a retired worker it has not reaped yet
+    (a scale-down on a loaded machine); the worker must still exit 0, not die by the signal."""
+    victim = next(iter(server.wait_for_ids({0, 1})))  # booted: its handlers are in place
+    deadline = time.monotonic() + 10
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline:  # until it is gone, every 2 ms (bounded)
+            os.kill(victim, signal.SIGTERM)
+            time.sleep(0.002)
+    server.wait_for_log(rf"worker pid={victim} exited \(exit code 0\): stopped")
+    server.wait_for_workers(2, exclude={victim})
 
 
 def test_titles_name_id_pid_and_requests(server: GunicornServer) -> None:

@@ -111,6 +111,16 @@ class Server:
 # -- status ----------------------------------------------------------------------------------
 
 
+def _own_memory(proc: psutil.Process) -> tuple[float | None, float | None]:
+    """USS (pages only this process has) and PSS (its own plus its share of the pages it shares,
+    e.g. a model preloaded in the master), in MB: PSS summed over processes is what they use."""
+    try:
+        full = proc.memory_full_info()
+    except psutil.AccessDenied:
+        return None, None
+    return round(full.uss / 2**20, 1), round(full.pss / 2**20, 1)
+
+
 def _sample_processes(pids: Sequence[int], interval: float) -> dict[int, dict[str, Any]]:
     """Title, uptime, memory and CPU % over ``interval`` seconds of each live pid."""
     procs: dict[int, psutil.Process] = {}
@@ -130,6 +140,7 @@ def _sample_processes(pids: Sequence[int], interval: float) -> dict[int, dict[st
                     "uptime_s": round(time.time() - proc.create_time(), 1),
                     "cpu_percent": proc.cpu_percent(None),
                     "memory_mb": round(proc.memory_info().rss / 2**20, 1),
+                    **dict(zip(("uss_mb", "pss_mb"), _own_memory(proc), strict=True)),
                     "zombie": proc.status() == psutil.STATUS_ZOMBIE,
                 }
         except psutil.NoSuchProcess:
@@ -181,6 +192,8 @@ def status(server: Server, interval: float) -> dict[str, Any]:
                 "crashes": slot.get("crashes", 0),
                 "cpu_percent": proc["cpu_percent"] if proc else None,
                 "memory_mb": proc["memory_mb"] if proc else None,
+                "uss_mb": proc["uss_mb"] if proc else None,
+                "pss_mb": proc["pss_mb"] if proc else None,
                 "requests": title["requests"],
                 "last_crash": slot.get("last_crash"),
                 "last_crash_time": slot.get("last_crash_time"),
@@ -189,6 +202,7 @@ def status(server: Server, interval: float) -> dict[str, Any]:
     _mark_stopping(rows)
     rows.sort(key=lambda r: (r["id"] is None, r["id"], r["age"]))
     master = facts.get(stats["pid"], {})
+    pss = [master.get("pss_mb"), *(r["pss_mb"] for r in rows)]
     return {
         "master": {
             "pid": stats["pid"],
@@ -199,6 +213,11 @@ def status(server: Server, interval: float) -> dict[str, Any]:
             "reloads": stats["reloads"],
             "generation": roster.get("generation", 0),
             "memory_mb": master.get("memory_mb"),
+            "uss_mb": master.get("uss_mb"),
+            "pss_mb": master.get("pss_mb"),
+            "pss_mb_total": round(sum(pss), 1) if None not in pss else None,
+            "native_threads": roster.get("native_threads"),
+            "native_threads_detail": roster.get("native_threads_detail"),
             "run_dir": str(server.run_dir),
         },
         "workers": rows,
@@ -234,15 +253,24 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} MB"
+
+
 def render_status(data: dict[str, Any]) -> str:
     m = data["master"]
     now = time.time()
     head = (
         f"master pid {m['pid']}, up {human_duration(m['uptime_s'])}, "
         f"bind {', '.join(m['bind'])}, {m['workers']}/{m['target']} workers, "
-        f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}"
+        f"generation {m['generation']}, {m['reloads']} reloads, run dir {m['run_dir']}, "
+        f"native threads per worker {m['native_threads_detail'] or '-'}, "
+        f"memory (PSS) {_mb(m['pss_mb_total'])} in all, master {_mb(m['pss_mb'])}"
     )
-    header = ["id", "pid", "status", "uptime", "restarts", "cpu", "mem", "requests", "last crash"]
+    header = [
+        "id", "pid", "status", "uptime", "restarts", "cpu", "mem", "uss", "pss", "requests",
+        "last crash",
+    ]  # fmt: skip
     rows = [
         [
             "?" if r["id"] is None else str(r["id"]),
@@ -251,7 +279,9 @@ def render_status(data: dict[str, Any]) -> str:
             human_duration(r["uptime_s"]),
             str(r["restarts"]),
             "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.1f}%",
-            "-" if r["memory_mb"] is None else f"{r['memory_mb']:.1f} MB",
+            _mb(r["memory_mb"]),
+            _mb(r["uss_mb"]),
+            _mb(r["pss_mb"]),
             "-" if r["requests"] is None else str(r["requests"]),
             _last_crash(r, now),
         ]

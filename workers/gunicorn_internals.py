@@ -8,11 +8,14 @@ Each function names what it stands in for and why no public way exists; each is 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import gunicorn.arbiter
 from gunicorn import util
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.unreader import IterUnreader
 
 
 class ExitStatuses:
@@ -91,3 +94,53 @@ def listen_backlog(arbiter: gunicorn.arbiter.Arbiter) -> int:
     """Connections waiting in the first listener's accept queue (Gunicorn's ``get_backlog``,
     which reads ``TCP_INFO``; -1 where it cannot tell)."""
     return arbiter.LISTENERS[0].get_backlog() if arbiter.LISTENERS else -1
+
+
+def set_listener_options(listeners: Iterable[Any], options: Iterable[tuple[int, int, int]]) -> None:
+    """``setsockopt`` each of ``options`` on each TCP listener a worker was handed.
+
+    Gunicorn has no setting for listener socket options; ``Worker.sockets`` holds its
+    ``gunicorn.sock`` objects, which pass ``setsockopt`` to the socket. The options are
+    inherited by every connection accepted afterwards; setting them again is harmless.
+    """
+    for listener in listeners:
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            for level, name, value in options:
+                listener.setsockopt(level, name, value)
+
+
+def close_connections_with(closer: Callable[[Any], None]) -> None:
+    """Make the sync worker close each connection with ``closer``.
+
+    ``SyncWorker.handle`` ends every connection with the module function
+    ``util.close_graceful``, which lingers up to 2 s on a client that does not close; no
+    setting bounds it. Called in a worker process only (after the fork).
+    """
+    util.close_graceful = closer
+
+
+def declared_length(req: Any) -> int | None:
+    """The ``Content-Length`` of a parsed request (Gunicorn checked it is one number), or None."""
+    for name, value in req.headers:
+        if name == "CONTENT-LENGTH":
+            return int(value)
+    return None
+
+
+def take_expect_continue(req: Any) -> bool:
+    """Did the client ask for ``100 Continue``? Cleared, so Gunicorn does not send a second one
+    (``wsgi.create`` sends it when ``_expected_100_continue`` is set)."""
+    expected = bool(req._expected_100_continue)
+    req._expected_100_continue = False
+    return expected
+
+
+def request_body(req: Any) -> Any:
+    """The request's body reader (``req.body``, what Gunicorn hands the app as ``wsgi.input``)."""
+    return req.body
+
+
+def replace_body(req: Any, data: bytes) -> None:
+    """Hand the app ``data`` (the body, read already) as ``wsgi.input``, with Gunicorn's own
+    ``Body`` so ``read``, ``readline`` and iteration behave as they did."""
+    req.body = Body(LengthReader(IterUnreader([data]), len(data)))

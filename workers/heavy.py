@@ -12,7 +12,10 @@ On top of the sync worker, each worker
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
 - lets a connection reach the app only through its gates (``workers/gates/``): the request head
-  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds;
+  within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, then the whole body read into memory within
+  ``HEAVYAPP_BODY_TIMEOUT`` (no read before the app can block past those deadlines);
+- keeps idle connections away from it (``TCP_DEFER_ACCEPT``) and closes each connection after
+  its answer without lingering on a client that does not close;
 - answers Gunicorn's own errors (bad request line, URI too long, ...) in the app's JSON shape.
 """
 
@@ -22,6 +25,7 @@ import contextlib
 import faulthandler
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -30,16 +34,33 @@ from types import FrameType
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http.errors import InvalidProxyHeader
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
 from workers.gates import Gate, Refusal
+from workers.gates.body import BodyRead
+from workers.gates.deadline import (
+    SO_TIMESTAMPNS,
+    DeadlineSocket,
+    Refused,
+    close_promptly,
+    peer_ip,
+)
 from workers.gates.headwait import HeadWait
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
 from workers.shared.exits import ExitCause
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: Seconds the kernel keeps a connection that sent nothing out of ``accept()``: a real HTTP
+#: client speaks first, so an idle connection never wakes a worker in that time.
+DEFER_ACCEPT = 30
+LISTENER_OPTIONS = (
+    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT),
+    (socket.SOL_SOCKET, socket.SO_OOBINLINE, 1),  # urgent data is data: no wake-up, no stall
+    (socket.SOL_SOCKET, SO_TIMESTAMPNS, 1),  # when each request's first byte arrived
+)
 _STACK_FRAMES = 12
 
 
@@ -79,13 +100,22 @@ class HeavyWorker(SyncWorker):
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         internals.answer_errors_with(write_json_error)
+        internals.close_connections_with(close_promptly)
+        internals.set_listener_options(self.sockets, LISTENER_OPTIONS)
         self.settings = Settings.from_env()
-        self.gates: list[Gate] = [HeadWait(self.cfg, self.settings.head_deadline)]
+        self.gates: list[Gate] = [
+            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT)
+        ]
+        self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
             super().init_process()
         finally:
+            # Leaving: Gunicorn's master repeats SIGTERM every second until it reaps a retired
+            # worker, and Python's shutdown drops the handler, so a repeat would end exit 0 as a
+            # death by signal. SIGKILL still ends a worker that overstays the graceful timeout.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.log.info(
                 "worker %s pid=%s exiting after %d requests (%s)",
                 self.heavy.id,
@@ -123,6 +153,7 @@ class HeavyWorker(SyncWorker):
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
+        client = DeadlineSocket.adopt(client)
         for gate in self.gates:
             refusal = gate.check(client, addr)
             if refusal is not None:
@@ -132,7 +163,13 @@ class HeavyWorker(SyncWorker):
         super().handle(listener, client, addr)
 
     def refuse(self, client: socket.socket, refusal: Refusal) -> None:
-        """Answer for a gate (the client may be gone already: no error of its costs anything)."""
+        """Answer for a gate and close."""
+        self.answer(client, refusal)
+        util.close_graceful(client)
+
+    def answer(self, client: socket.socket, refusal: Refusal) -> None:
+        """Write a gate's answer (the client may be gone already: no error of its costs
+        anything)."""
         if refusal.warning:
             self.log.warning("%s", refusal.warning)
         if refusal.status:
@@ -140,11 +177,25 @@ class HeavyWorker(SyncWorker):
                 write_json_error(
                     client, refusal.status, refusal.reason, refusal.message, refusal.headers
                 )
-        util.close_graceful(client)
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """A missed deadline or a refused body, raised from Gunicorn's reads: the gate's
+        answer, not a 500 (Gunicorn closes the connection after). A bad PROXY v2 header is
+        the one parse error Gunicorn 27 answers with a 500: it is the sender's, so a 400."""
+        if isinstance(exc, Refused):
+            self.answer(client, exc.refusal)
+        elif isinstance(exc, InvalidProxyHeader):
+            message = f"Invalid PROXY protocol header: {exc}"
+            warning = f"Invalid request from ip={peer_ip(addr)}: {message}"
+            self.answer(client, Refusal(400, "Bad Request", message, warning=warning))
+        else:
+            super().handle_error(req, client, addr, exc)
 
     def handle_request(self, listener, req, client, addr) -> None:
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
         try:
+            self.body.read(req, client, peer_ip(addr))  # disarms the head deadline
+            self.notify()  # a slow body must not eat into the request's own time budget
             super().handle_request(listener, req, client, addr)
         finally:
             self.heavy.board.request_finished(self.nr)

@@ -31,6 +31,10 @@ WORKER_ID = "HEAVYAPP_WORKER_ID"
 #: The variables the master exports to its workers once it has settled them.
 RUN_DIR = "HEAVYAPP_RUN_DIR"
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: Each worker's native thread budget, exported by the master with the variables libraries read.
+NATIVE_THREADS = "HEAVYAPP_NATIVE_THREADS"
+#: More native threads per worker than any machine has cores is a typo, not a choice.
+MAX_THREADS_PER_WORKER = 1024
 
 
 def setting(
@@ -178,11 +182,39 @@ class Settings:
         kind="seconds",
         shown="`5`, or half of `TIMEOUT` if less",
     )
+    body_timeout: float | None = setting(
+        "HEAVYAPP_BODY_TIMEOUT",
+        None,
+        "seconds a client has to send its whole request (head and body), from its first byte; "
+        "more than half of `TIMEOUT` is refused",
+        kind="seconds",
+        shown="`10`, or half of `TIMEOUT` if less",
+    )
+    max_body_bytes: int = setting(
+        "HEAVYAPP_MAX_BODY_BYTES",
+        1_048_576,
+        "largest request body; a larger one gets a 413 (a declared length before a byte is read)",
+    )
     max_rss_mb: int | None = setting(
         "HEAVYAPP_MAX_RSS_MB",
         None,
         "memory cap per worker, checked after each request",
         shown="none",
+    )
+    threads_per_worker: int | None = setting(
+        "HEAVYAPP_THREADS_PER_WORKER",
+        None,
+        "native threads (OpenBLAS, OpenMP, MKL, ...) in each worker; at most "
+        f"{MAX_THREADS_PER_WORKER}",
+        shown="usable CPUs ÷ workers, at least 1",
+    )
+    preload: str = setting(
+        "HEAVYAPP_PRELOAD",
+        "0",
+        "`1`: load the app (and its model) once in the master, shared by the workers "
+        "(Gunicorn's `preload_app`; `--preload` does the same)",
+        kind="choice",
+        choices=("0", "1"),
     )
     backoff_base_ms: int = setting(
         "HEAVYAPP_BACKOFF_BASE_MS", 500, "crash-loop restart delay after the second quick crash"
@@ -200,12 +232,20 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        half = self.timeout / 2
-        if self.head_timeout is not None and self.head_timeout > half:
+        if self.threads_per_worker is not None and self.threads_per_worker > MAX_THREADS_PER_WORKER:
             raise SettingsError(
-                f"HEAVYAPP_HEAD_TIMEOUT={self.head_timeout:g} must be at most half of the "
-                f"timeout ({self.timeout}s)"
+                f"HEAVYAPP_THREADS_PER_WORKER must be at most {MAX_THREADS_PER_WORKER}, "
+                f"got {self.threads_per_worker}"
             )
+        half = self.timeout / 2
+        for name, value in (
+            ("HEAVYAPP_HEAD_TIMEOUT", self.head_timeout),
+            ("HEAVYAPP_BODY_TIMEOUT", self.body_timeout),
+        ):
+            if value is not None and value > half:
+                raise SettingsError(
+                    f"{name}={value:g} must be at most half of the timeout ({self.timeout}s)"
+                )
 
     # -- what follows from the values ---------------------------------------------------------
 
@@ -215,10 +255,19 @@ class Settings:
         return self.bind or f"{self.host or '127.0.0.1'}:{self.port}"
 
     @property
+    def preload_app(self) -> bool:
+        return self.preload == "1"
+
+    @property
     def head_deadline(self) -> float:
         """Seconds for a request head: at most half of ``timeout`` (a worker's heartbeat period),
         so the master never takes the wait for a hang."""
         return self.head_timeout if self.head_timeout is not None else min(5, self.timeout / 2)
+
+    @property
+    def body_deadline(self) -> float:
+        """Seconds for a whole request, at most half of ``timeout`` like ``head_deadline``."""
+        return self.body_timeout if self.body_timeout is not None else min(10, self.timeout / 2)
 
     def run_dir(self, bind: str | None = None) -> Path:
         """Where one server keeps its control socket, worker state, metrics and crash journal.
@@ -243,6 +292,12 @@ class Settings:
 def worker_id() -> str:
     """This worker's stable id as text: ``""`` outside a kit worker."""
     return os.environ.get(WORKER_ID, "")
+
+
+def native_threads() -> int | None:
+    """The native thread budget the master exported to this worker; None outside the kit."""
+    raw = os.environ.get(NATIVE_THREADS, "")
+    return int(raw) if raw.isdigit() else None
 
 
 def export(name: str, value: str) -> None:
@@ -292,7 +347,9 @@ def reference() -> str:
             "Set by the kit itself: `HEAVYAPP_WORKER_ID`, each worker's stable id, exported by the",
             "master just before it forks the worker (the app reads it as pm2 apps read",
             "`NODE_APP_INSTANCE`); `HEAVYAPP_RUN_DIR` and `PROMETHEUS_MULTIPROC_DIR`, once the",
-            "master has settled them, so its workers agree with it.",
+            "master has settled them, so its workers agree with it; `HEAVYAPP_NATIVE_THREADS` and",
+            "`OMP_NUM_THREADS`, `OPENBLAS_NUM_THREADS`, `MKL_NUM_THREADS`,",
+            "`VECLIB_MAXIMUM_THREADS`, `NUMEXPR_NUM_THREADS`: each worker's native thread budget.",
             "",
             "## The app (`heavyapp/settings.py`)",
             "",

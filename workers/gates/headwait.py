@@ -4,8 +4,15 @@ The sync worker's parser reads the head with no deadline of its own, so a client
 and sends nothing, or half a head, would hold the worker until the master's timeout kills it —
 a lost worker and a crash-journal entry for one rude client. The worker asks ``HeadWait`` first:
 has the whole head arrived within ``HEAVYAPP_HEAD_TIMEOUT`` seconds? Usually it is there at
-once and one non-blocking peek says so; for a slow client ``SO_RCVLOWAT`` makes ``select`` wake
+once and one non-blocking peek says so; for a slow client ``SO_RCVLOWAT`` makes ``poll`` wake
 only when more bytes than already seen arrive, so waiting costs no CPU.
+
+The deadline is airtight: the gate then arms the connection (``DeadlineSocket``) so the parser's
+own reads end at the same deadline. That matters when the gate is woken with nothing new to
+see: urgent data (``MSG_OOB``; ``SO_OOBINLINE`` on the listener makes it ordinary data, which
+the parser refuses), or a head bigger than the receive window, which the kernel will not let in
+until someone reads (``tcp_poll`` reports a closed window as readable). Only ``POLLRDHUP``
+means the client closed its side.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 from typing import Any
 
 from workers.gates import Refusal
+from workers.gates.deadline import DeadlineSocket, peer_ip, timed_out
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024
@@ -32,35 +40,59 @@ def largest_head(cfg: Any) -> int:
     return line + 2 + fields * (size + 2) + 4
 
 
+def silent(client: socket.socket) -> bool:
+    """Has the client sent nothing at all (not even its end of stream)?"""
+    try:
+        client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class HeadWait:
-    def __init__(self, cfg: Any, seconds: float) -> None:
+    def __init__(self, cfg: Any, seconds: float, deferred: float = 0) -> None:
+        """``deferred``: the listener's ``TCP_DEFER_ACCEPT`` seconds (0 if none). The kernel
+        hands over a connection that sent nothing only after that long, so with a deferral
+        past the deadline, a silent connection has missed it already and goes at once."""
         self.seconds = seconds
+        self.deferred = deferred
         # One more byte than Gunicorn accepts: a peek that fills it is the parser's to refuse.
         self._buf = bytearray(largest_head(cfg) + 1)
         # TLS bytes and a PROXY v2 preamble (which starts with a blank line) hide the head.
         self._enabled = not cfg.is_ssl and cfg.proxy_protocol == "off"
 
     def check(self, client: socket.socket, addr: Any) -> Refusal | None:
-        """A 408 for a client whose head is not whole within the deadline."""
-        if not self.applies_to(client) or self.arrived(client):
-            return None
-        message = f"no complete request head within {self.seconds:g}s"
-        ip = addr[0] if isinstance(addr, tuple) else addr
-        return Refusal(
-            408, "Request Timeout", message, warning=f"Invalid request from ip={ip}: {message}"
-        )
+        """A 408 for a client whose head is not whole within the deadline, counted from its
+        first byte; else arm the connection so the parser's reads keep to that deadline (also
+        where the wait does not apply: a unix socket, a PROXY protocol preamble)."""
+        started = client.started if isinstance(client, DeadlineSocket) else time.monotonic()
+        deadline = started + self.seconds
+        ip = peer_ip(addr)
+        missed = timed_out("request head", self.seconds, ip)
+        if self.applies_to(client):
+            if self.deferred >= self.seconds and silent(client):
+                return timed_out("request head", self.deferred, ip)
+            if not self.arrived(client, deadline):
+                return missed
+        if isinstance(client, DeadlineSocket):
+            client.arm(deadline, missed)
+        return None
 
     def applies_to(self, client: socket.socket) -> bool:
-        """TCP only: a unix socket is a local proxy's, and ``SO_RCVLOWAT`` does not apply."""
+        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's),
+        and only where the plain head is what arrives first."""
         return self._enabled and client.family in (socket.AF_INET, socket.AF_INET6)
 
-    def arrived(self, client: socket.socket) -> bool:
-        """True once the head's blank line is in the kernel's buffer, or the client closed its
-        side, or an error occurred (the parser knows what to do with those); False at the
-        deadline."""
-        deadline = time.monotonic() + self.seconds
+    def arrived(self, client: socket.socket, deadline: float) -> bool:
+        """True once the head's blank line is in the kernel's buffer, or the parser must read
+        to see more (the client closed its side, the head fills what the kernel will take, an
+        error); False at the deadline."""
         seen = 0
         lowered = False
+        poller = select.poll()
+        poller.register(client, select.POLLIN | select.POLLRDHUP)
         try:
             while True:
                 try:
@@ -69,19 +101,22 @@ class HeadWait:
                     n = seen  # nothing yet
                 else:
                     if n in (0, len(self._buf)) or (lowered and n == seen) or self._ends(seen, n):
-                        return True  # closed, too big, half-closed (woken, nothing new), or whole
+                        return True  # closed, too big, nothing more will come in, or whole
                     seen = n
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
                 lowered = True
-                if not select.select([client], [], [], left)[0]:
+                events = poller.poll(max(left * 1000, 1))
+                if not events:
                     return False
+                if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                    return True  # the parser reads what is there, then sees the end
         except OSError:
             return True
         finally:
-            if lowered:  # the parser's blocking reads must not wait for that many bytes
+            if lowered:  # the parser's reads must not wait for that many bytes
                 with contextlib.suppress(OSError):
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 

@@ -12,6 +12,7 @@ object kept on Gunicorn's arbiter, so it outlives a HUP, which re-reads this con
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -26,8 +27,8 @@ from workers.master import rundir
 from workers.master.metrics import MasterMetrics
 from workers.master.roster import Backoff, Death, Member, Roster
 from workers.master.sizing import cpu_budget
-from workers.settings import RUN_DIR, WORKER_ID, Settings, SettingsError, export
-from workers.shared import lastwords, titles
+from workers.settings import METRICS_DIR, RUN_DIR, WORKER_ID, Settings, SettingsError, export
+from workers.shared import lastwords, threads, titles
 from workers.shared.exits import ExitCause
 
 #: Settings shown in the one-line effective configuration at start.
@@ -58,6 +59,7 @@ class Master:
         self.roster = Roster(Backoff.from_settings(settings))
         self.run_dir_lock: int | None = None  # fd of master.lock, held until the master exits
         self.metrics: MasterMetrics | None = None  # once the metrics directory is ready
+        self.threads: threads.ThreadBudget | None = None  # each worker's native threads
 
     @classmethod
     def of(cls, server: Arbiter) -> Master:
@@ -74,7 +76,13 @@ class Master:
 
     def save_state(self, server: Arbiter) -> None:
         """Write the per-id history where heavyctl reads it (atomically: it may read any time)."""
-        state = {"master_pid": server.pid, "bind": server.cfg.bind, **self.roster.state()}
+        state = {
+            "master_pid": server.pid,
+            "bind": server.cfg.bind,
+            "native_threads": self.threads.threads if self.threads else None,
+            "native_threads_detail": self.threads.describe() if self.threads else None,
+            **self.roster.state(),
+        }
         path = self.settings.run_dir() / "roster.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -82,13 +90,15 @@ class Master:
 
 
 def on_starting(server: Arbiter) -> None:
-    Master.of(server)
+    master = Master.of(server)
     internals.record_exit_statuses(server)
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
     )
     server.log.info("Primary pid=%d, starting %d workers", server.pid, server.num_workers)
+    if master.threads:
+        server.log.info("native threads per worker: %s", master.threads.describe())
 
 
 def when_ready(server: Arbiter) -> None:
@@ -139,9 +149,12 @@ def _settle_run_dir(server: Arbiter, master: Master, lock: bool) -> None:
 
 
 def on_reload(server: Arbiter) -> None:
-    """A HUP: the new generation takes ids 0..W-1 again while the old one drains."""
+    """A HUP: the new generation takes ids 0..W-1 again while the old one drains, with the
+    native thread budget of the new configuration."""
     master = Master.of(server)
     master.settings = Settings.from_env()
+    _budget_threads(server, master)
+    server.log.info("native threads per worker: %s", master.threads.describe())
     master.roster.backoff = Backoff.from_settings(master.settings)
     master.roster.generation += 1
     server.log.info(
@@ -151,6 +164,9 @@ def on_reload(server: Arbiter) -> None:
 
 
 def pre_fork(server: Arbiter, worker: Any) -> None:
+    # Keep the collector off every object the master holds (a preloaded app and its model):
+    # a collection in the child would write to their headers and unshare the pages.
+    gc.freeze()
     master = Master.of(server)
     member = master.roster.admit(master.members(server))
     worker.heavy = member
@@ -190,6 +206,8 @@ def post_fork(server: Arbiter, worker: Any) -> None:
     )
     if member.restart_delay:
         _sit_out(worker, member)
+    if limited := threads.limit_loaded_pools():
+        worker.log.info("native threads: %s (loaded before the fork)", ", ".join(limited))
     titles.serving(member.id, worker.pid, 0)  # the kit's title, whatever the worker class
 
 
@@ -271,11 +289,14 @@ def _crash_entry(death: Death, words: dict, fault: str) -> crashes.Crash:
 def nworkers_changed(server: Arbiter, new: int, old: int | None) -> None:
     """On a scale-down, make the highest ids leave first so the ids stay dense.
 
-    Gunicorn also calls this before ``on_starting`` (the first count): nothing to do yet.
+    Gunicorn first calls this with the first count (``old`` None) while it sets up, before
+    ``on_starting`` and before ``preload_app`` loads the app: the one moment, with the final
+    worker count and bind, to set what the app's libraries read when they are imported.
     """
-    if not hasattr(server, "heavy"):
-        return
     master = Master.of(server)
+    if old is None:
+        _before_the_app(server, master)
+        return
     if old is not None and new < old:
         leaving = master.roster.retire(master.members(server).values(), new)
         going = [w for w in server.WORKERS.values() if getattr(w, "heavy", None) in leaving]
@@ -283,6 +304,31 @@ def nworkers_changed(server: Arbiter, new: int, old: int | None) -> None:
     if master.metrics:
         master.metrics.target_changed(new)
     master.retitle(server)
+
+
+def _before_the_app(server: Arbiter, master: Master) -> None:
+    """The native thread budget, and under preload the metrics directory: both are read when
+    the app's libraries are imported (``prometheus_client`` picks its storage then)."""
+    _budget_threads(server, master)
+    if server.cfg.preload_app and master.settings.metrics_dir is None:
+        settings = master.settings
+        try:
+            where = rundir.claim(
+                settings.run_dir(bind=server.cfg.bind[0]),
+                private=settings.run_dir_path is None,
+            )
+        except SettingsError as exc:
+            raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
+        (where / "metrics").mkdir(exist_ok=True)
+        export(METRICS_DIR, str(where / "metrics"))
+        master.settings = Settings.from_env()
+
+
+def _budget_threads(server: Arbiter, master: Master) -> None:
+    master.threads = threads.ThreadBudget.of(
+        cpu_budget().usable, server.cfg.workers, master.settings.threads_per_worker
+    )
+    threads.export_budget(master.threads, warn=server.log.warning)
 
 
 def on_exit(server: Arbiter) -> None:

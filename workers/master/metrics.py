@@ -49,14 +49,15 @@ class MasterMetrics:
 
         Files left by a previous run would be summed into this one's counters, so a ``fresh``
         master removes them (a USR2 re-exec is not fresh: the old master's workers still count).
-        ``preload_app`` imports the app, and so ``prometheus_client``, before this runs: that
-        only works when the operator named the directory beforehand.
+        ``preload_app`` imports the app, and so ``prometheus_client``, before this runs: the
+        ``nworkers_changed`` hook names the directory before that (``workers/master/hooks.py``).
+        Anything else that imports it first (the config file, a module it imports) is refused.
         """
         if "prometheus_client" in sys.modules and settings.metrics_dir is None:
             raise SettingsError(
                 "prometheus_client was imported in the master before the metrics directory was "
-                "set (by preload_app, or by gunicorn_conf.py or a module it imports), so /metrics "
-                f"would see one worker only; set {METRICS_DIR} to an empty directory"
+                "set (by gunicorn_conf.py or a module it imports), so /metrics would see one "
+                f"worker only; set {METRICS_DIR} to an empty directory"
             )
         path = settings.metrics_path()
         path.mkdir(parents=True, exist_ok=True)
