@@ -6,6 +6,7 @@ imports Locust, which monkey-patches the standard library with gevent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ MISSING = [name for name in ("hey", "wrk") if shutil.which(name) is None]
 needs_tools = pytest.mark.skipif(
     bool(MISSING), reason=f"{MISSING} not installed: apt-get install hey wrk (.ci/run does)"
 )
+NO_LOAD_EXTRA = [m for m in ("locust", "matplotlib") if importlib.util.find_spec(m) is None]
 
 # -- pure parts --------------------------------------------------------------------------------
 
@@ -102,6 +104,9 @@ def test_overload_counts_served_refused_and_timed_out_apart(
 
 @pytest.mark.server
 @needs_tools
+@pytest.mark.skipif(
+    bool(NO_LOAD_EXTRA), reason=f"{NO_LOAD_EXTRA} not installed: pip install -e '.[load]'"
+)
 def test_short_overload_run_reports_both_pools(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.experiment", "--short", "--only", "overload",
