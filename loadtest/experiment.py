@@ -217,11 +217,15 @@ HEAVY_N, TIMEOUT_S, MULTIPLE = 1_000_000, 1.0, 4.0
 PARTS = ("before-after", "overload")
 
 
-def users_for(capacity_rps: float, timeout_s: float, workers: int) -> int:
-    """Closed-loop users that make one worker's queue ``sqrt(workers)`` times the timeout long
-    and the pool's ``1 / sqrt(workers)`` of it: past the timeout for one worker, inside it for
-    the pool, equally far from it on either side (1.41x and 0.71x on 2 cores)."""
-    return max(1, math.ceil(timeout_s * capacity_rps * math.sqrt(workers)))
+#: How far past one worker's capacity the Locust load goes (docs/loadtesting.md, "How the
+#: Locust load is sized").
+PAST = 1.2
+
+
+def users_for(capacity_rps: float, timeout_s: float) -> int:
+    """Closed-loop users whose requests queue ``PAST`` times the timeout on one worker: past it,
+    where a single process collapses, while a pool of W shares the queue (0.6 of it on 2)."""
+    return max(1, math.ceil(PAST * capacity_rps * timeout_s))
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -297,10 +301,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_from(args: argparse.Namespace, plan: Plan, capacity_rps: float, workers: int) -> Load:
+def load_from(args: argparse.Namespace, plan: Plan, capacity_rps: float) -> Load:
     """The Locust load: the options given, the rest sized from one worker's capacity."""
     timeout = args.timeout or TIMEOUT_S
-    users = args.users or users_for(capacity_rps, timeout, workers)
+    users = args.users or users_for(capacity_rps, timeout)
     return Load(
         users=users,
         spawn_rate=args.spawn_rate or max(1.0, users / plan.ramp_s),
@@ -319,7 +323,7 @@ def before_after(
     kit, heavy = load_locustfile(), f"/heavy?n={args.heavy_n or HEAVY_N}"
     say("single process: starting the server (1 worker)")
     with serving(make_server("single process", args.out, args.port, workers=1)) as single:
-        load = load_from(args, plan, capacity(single, heavy, plan), budget.usable)
+        load = load_from(args, plan, capacity(single, heavy, plan))
         say(
             f"  {load.users} users: {load.users / load.capacity_rps:.2f} s of queue for one "
             f"worker, {load.users / load.capacity_rps / budget.usable:.2f} s for "
