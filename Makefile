@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := dev,load
 
-.PHONY: venv run test test-newest lint experiment bench clean
+.PHONY: venv run test test-newest lint experiment load-tools bench clean
 
 venv: $(STAMP)
 
@@ -40,13 +40,16 @@ test-newest:
 	$(MAKE) --no-print-directory VENV=$(NEWEST_VENV) PYTHON=$$py EXTRAS=dev venv
 	$(NEWEST_VENV)/bin/pytest -m "not container and not front" --ignore=tests/test_loadtest.py
 
-experiment: venv
+experiment: venv load-tools
 	$(BIN)/python -m loadtest.experiment
 
-# bench.overload loads with Debian's hey (open loop) and wrk (capacity); apt-get needs root.
-bench: venv
+# The experiment and bench.overload load with Debian's hey (open loop) and wrk (capacity);
+# apt-get needs root.
+load-tools:
 	command -v hey >/dev/null && command -v wrk >/dev/null || { apt-get update -qq \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey wrk >/dev/null; }
+
+bench: venv load-tools
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.overhead

@@ -1,7 +1,13 @@
 """The article's experiment in one command: the same Locust load against one worker, then against
-one worker per usable core; a side-by-side table, a Markdown report and a PNG chart.
+one worker per usable core; then the overload run, stock Gunicorn's pool against the kit's at 4x
+the pool's capacity, open loop; side-by-side tables, a Markdown report and PNG charts.
 
-    python -m loadtest.experiment            # or: make experiment / heavyapp-experiment
+    python -m loadtest.experiment            # or: make experiment
+
+The loads are sized from capacities measured first on this machine (``measure_capacity``, a
+short ``wrk`` saturation run), so the story does not depend on the machine: the Locust load puts
+the single worker past what it can answer within the client timeout, and the overload run offers
+each pool four times what it can serve (``open_loop``, Debian's ``hey``).
 
 Locust runs as a library in this process (``Environment`` + ``create_local_runner``) with the
 kit's own ``HeavyUser`` from ``locustfile.py`` (its answer checks and per-worker tally): progress
@@ -16,10 +22,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -27,13 +34,16 @@ import locust  # before anything imports ssl: Locust monkey-patches the standard
 import psutil
 from locust.env import Environment
 
-from harness.server import REPO, GunicornServer, ServerError, serving
+from bench.common import stock_gunicorn
+from harness.server import REPO, GunicornServer, ServerError, free_port, serving
 from loadtest import report
 from loadtest.cpu import server_cpu_s
-from loadtest.results import Load, RunResult, Sample
+from loadtest.openloop import MAX_RATE, measure_capacity, open_loop, recovery_seconds, tool
+from loadtest.results import Load, Overload, OverloadResult, RunResult, Sample
 from workers.master.sizing import CpuBudget, cpu_budget
 
 LOCUSTFILE = REPO / "locustfile.py"
+HEAVY_NAME = "/heavy"  # the locustfile's name for served (or failed) requests; refusals differ
 SAMPLE_EVERY_S = 1.0
 PROGRESS_EVERY_S = 5
 BUSY_WARNING_PERCENT = 25.0
@@ -53,9 +63,17 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def refused(env: Environment) -> int:
+    """Requests Locust recorded under another name than ``/heavy``: the locustfile names the
+    kit's fast refusals (503 + Retry-After) apart, as answers that are neither served nor failed."""
+    heavy = env.stats.entries.get((HEAVY_NAME, "GET"))
+    return env.stats.total.num_requests - (heavy.num_requests if heavy else 0)
+
+
 def sample(env: Environment, started: float) -> Sample:
     total = env.stats.total
-    return Sample(round(time.monotonic() - started, 1), total.num_requests, total.num_failures)
+    elapsed = round(time.monotonic() - started, 1)
+    return Sample(elapsed, total.num_requests, total.num_failures, refused(env))
 
 
 def recent_rps(history: list[Sample], window: int) -> float:
@@ -118,37 +136,96 @@ def result_of(
         history=history,
         server_cpu=server_cpu,
         machine_busy=machine_busy,
+        refused=refused(env),
     )
 
 
-def measure(
-    label: str, workers: int | None, load: Load, out: Path, port: int | None, kit: ModuleType
-) -> RunResult:
-    """Start a server (``workers=None``: the kit's own sizing), load it, always stop it."""
+def make_server(
+    label: str, out: Path, port: int | None, *, workers: int | None = None, stock: int = 0
+) -> GunicornServer:
+    """The kit (``workers=None``: its own sizing, as ``make run`` starts it), or with ``stock``
+    workers plain ``gunicorn -w N heavyapp:app``; logs under ``out/<label>/``."""
     log_dir = out / label.replace(" ", "-")
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = GunicornServer(workers=workers, port=port, log_dir=log_dir)
-    say(f"{label}: starting the server ({'auto-sized' if workers is None else workers} workers)")
-    with serving(server):
-        pool = len(server.worker_pids())
-        say(f"{label}: {pool} worker(s) at {server.url}; {load.users} users for {load.duration_s}s")
-        cpu_before, started = server_cpu_s(server), time.monotonic()
-        psutil.cpu_percent()  # starts the machine-wide measurement
-        env, history = drive_load(label, server.url, load, kit)
-        machine_busy = psutil.cpu_percent() / 100
-        server_cpu = (server_cpu_s(server) - cpu_before) / (time.monotonic() - started)
-        return result_of(
-            label, pool, env, history, kit, server_cpu=server_cpu, machine_busy=machine_busy
-        )
+    if stock:
+        port = port or free_port()
+        return GunicornServer(port=port, command=stock_gunicorn(port, stock), log_dir=log_dir)
+    return GunicornServer(workers=workers, port=port, log_dir=log_dir)
+
+
+def capacity(server: GunicornServer, path: str, plan: Plan) -> float:
+    """Requests/s the server answers when saturated by a closed loop: the best of a few short
+    ``wrk`` runs, as other people's work on a shared machine only ever lowers it."""
+    runs = [
+        measure_capacity(server.url + path, seconds=plan.capacity_seconds)
+        for _ in range(plan.capacity_runs)
+    ]
+    say(f"  capacity: {', '.join(f'{c:.1f}' for c in runs)} rps; the best, {max(runs):.1f}")
+    return max(runs)
+
+
+def measure(label: str, server: GunicornServer, load: Load, kit: ModuleType) -> RunResult:
+    """Put the Locust load on a running server; its figures and the CPU it took."""
+    pool = len(server.worker_pids())
+    say(f"{label}: {pool} worker(s) at {server.url}; {load.users} users for {load.duration_s}s")
+    cpu_before, started = server_cpu_s(server), time.monotonic()
+    psutil.cpu_percent()  # starts the machine-wide measurement
+    env, history = drive_load(label, server.url, load, kit)
+    machine_busy = psutil.cpu_percent() / 100
+    server_cpu = (server_cpu_s(server) - cpu_before) / (time.monotonic() - started)
+    return result_of(
+        label, pool, env, history, kit, server_cpu=server_cpu, machine_busy=machine_busy
+    )
+
+
+def overload(label: str, server: GunicornServer, spec: Overload) -> OverloadResult:
+    """Offer ``spec.rate`` requests/s for ``spec.duration_s``, then time the recovery."""
+    workers = len(server.worker_pids())
+    say(f"{label}: {workers} workers at {server.url}; {spec.rate} rps offered")
+    run = open_loop(
+        f"{server.url}/heavy?n={spec.heavy_n}", spec.rate, spec.duration_s, timeout=spec.timeout_s
+    )
+    say(f"  {run.summary()}")
+    recovery = recovery_seconds(
+        f"{server.url}/healthz", within=spec.timeout_s, limit=spec.recovery_limit_s
+    )
+    say(f"  /healthz answered in time {recovery:.1f} s after the load")
+    return OverloadResult.of(label, workers, run, recovery)
 
 
 # -- the command -------------------------------------------------------------------------------
 
-#: Chosen on 2 cores so that one worker falls behind the 1 s timeout and one per core does not;
-#: The arithmetic is in docs/loadtesting.md, "The experiment in one command" (one statement).
-#: The short mode (10 users) only checks the machinery.
-DEFAULTS = Load(users=32, spawn_rate=8, duration_s=30, heavy_n=1_000_000, timeout_s=1.0)
-SHORT = replace(DEFAULTS, users=10, spawn_rate=10, duration_s=4)
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each step runs; the loads themselves are sized from measured capacities."""
+
+    duration_s: int  # Locust seconds per run
+    ramp_s: float  # Locust starts its users over this many seconds
+    capacity_runs: int
+    capacity_seconds: int
+    overload_s: int
+    recovery_limit_s: float
+
+
+#: The short mode only checks the machinery (the tests use it).
+FULL = Plan(duration_s=30, ramp_s=4, capacity_runs=3, capacity_seconds=3, overload_s=15,
+            recovery_limit_s=90)  # fmt: skip
+SHORT = Plan(duration_s=4, ramp_s=1, capacity_runs=1, capacity_seconds=1, overload_s=1,
+             recovery_limit_s=10)  # fmt: skip
+HEAVY_N, TIMEOUT_S, MULTIPLE = 1_000_000, 1.0, 4.0
+PARTS = ("before-after", "overload")
+
+
+#: How far past one worker's capacity the Locust load goes (docs/loadtesting.md, "How the
+#: Locust load is sized").
+PAST = 1.2
+
+
+def users_for(capacity_rps: float, timeout_s: float) -> int:
+    """Closed-loop users whose requests queue ``PAST`` times the timeout on one worker: past it,
+    where a single process collapses, while a pool of W shares the queue (0.6 of it on 2)."""
+    return max(1, math.ceil(PAST * capacity_rps * timeout_s))
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -166,26 +243,45 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="heavyapp-experiment",
-        description="One worker vs one worker per core under the same Locust load.",
+        description="One worker vs one worker per core under the same Locust load; "
+        "stock Gunicorn's pool vs the kit's past capacity, open loop.",
     )
     p.add_argument(
-        "--users", type=positive(int), help=f"concurrent users (default {DEFAULTS.users})"
+        "--users",
+        type=positive(int),
+        help="concurrent users (default: sized from one worker's measured capacity)",
     )
     p.add_argument(
         "--spawn-rate",
         type=positive(float),
-        help=f"users started per second (default {DEFAULTS.spawn_rate:g})",
+        help=f"users started per second (default: all of them in {FULL.ramp_s:g}s)",
     )
     p.add_argument(
-        "--duration", type=positive(int), help=f"seconds per run (default {DEFAULTS.duration_s})"
+        "--duration",
+        type=positive(int),
+        help=f"seconds per Locust run (default {FULL.duration_s})",
     )
     p.add_argument(
-        "--heavy-n", type=positive(int), help=f"work size per request (default {DEFAULTS.heavy_n})"
+        "--heavy-n", type=positive(int), help=f"work size per request (default {HEAVY_N})"
     )
     p.add_argument(
         "--timeout",
         type=positive(float),
-        help=f"client timeout in seconds (default {DEFAULTS.timeout_s})",
+        help=f"client timeout in seconds (default {TIMEOUT_S:g}; whole seconds for the overload)",
+    )
+    p.add_argument(
+        "--multiple",
+        type=positive(float),
+        default=MULTIPLE,
+        help=f"overload: offered rate as a multiple of the pool's capacity (default {MULTIPLE:g})",
+    )
+    p.add_argument(
+        "--overload-duration",
+        type=positive(int),
+        help=f"seconds of overload arrivals per pool (default {FULL.overload_s})",
+    )
+    p.add_argument(
+        "--only", choices=PARTS, help="run one part: the Locust before/after or the overload"
     )
     p.add_argument(
         "--out",
@@ -199,50 +295,111 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--short",
         action="store_true",
-        help=f"a quick check: {SHORT.users} users, {SHORT.duration_s}s",
+        help=f"a quick check: {SHORT.duration_s}s per Locust run, {SHORT.overload_s}s of "
+        "overload (the tests use it)",
     )
     return p.parse_args(argv)
 
 
-def load_from(args: argparse.Namespace) -> Load:
-    base = SHORT if args.short else DEFAULTS
+def load_from(args: argparse.Namespace, plan: Plan, capacity_rps: float) -> Load:
+    """The Locust load: the options given, the rest sized from one worker's capacity."""
+    timeout = args.timeout or TIMEOUT_S
+    users = args.users or users_for(capacity_rps, timeout)
     return Load(
-        users=args.users or base.users,
-        spawn_rate=args.spawn_rate or base.spawn_rate,
-        duration_s=args.duration or base.duration_s,
-        heavy_n=args.heavy_n or base.heavy_n,
-        timeout_s=args.timeout or base.timeout_s,
+        users=users,
+        spawn_rate=args.spawn_rate or max(1.0, users / plan.ramp_s),
+        duration_s=args.duration or plan.duration_s,
+        heavy_n=args.heavy_n or HEAVY_N,
+        timeout_s=timeout,
+        capacity_rps=capacity_rps,
     )
 
 
-def run(load: Load, out: Path, port: int | None, budget: CpuBudget) -> list[RunResult]:
-    out.mkdir(parents=True, exist_ok=True)
-    say(f"usable CPUs: {budget.usable} ({budget.source}); os.cpu_count() says {budget.total}")
-    if (busy := psutil.cpu_percent(interval=1.0)) > BUSY_WARNING_PERCENT:
+def before_after(
+    args: argparse.Namespace, plan: Plan, budget: CpuBudget
+) -> tuple[Load, list[RunResult]]:
+    """One worker's capacity, then the Locust load sized from it on one worker and on the
+    kit's pool in turn."""
+    kit, heavy = load_locustfile(), f"/heavy?n={args.heavy_n or HEAVY_N}"
+    say("single process: starting the server (1 worker)")
+    with serving(make_server("single process", args.out, args.port, workers=1)) as single:
+        load = load_from(args, plan, capacity(single, heavy, plan))
         say(
-            f"warning: the CPUs are already {busy:.0f}% busy before the experiment: other processes"
+            f"  {load.users} users: {load.users / load.capacity_rps:.2f} s of queue for one "
+            f"worker, {load.users / load.capacity_rps / budget.usable:.2f} s for "
+            f"{budget.usable}, client timeout {load.timeout_s:g} s"
         )
-        say("  will take cores from the pool and blur the comparison; an idle machine measures it")
-    kit = load_locustfile()
-    return [
-        measure("single process", 1, load, out, port, kit),
-        measure("one per core", None, load, out, port, kit),
-    ]
+        results = [measure("single process", single, load, kit)]
+    say("one per core: starting the server (auto-sized)")
+    with serving(make_server("one per core", args.out, args.port)) as pool:
+        results.append(measure("one per core", pool, load, kit))
+    return load, results
+
+
+def overload_runs(
+    args: argparse.Namespace, plan: Plan, workers: int
+) -> tuple[Overload, list[OverloadResult]]:
+    """The kit's pool as ``make run`` starts it (its capacity measured first: the base of the
+    rate), then stock Gunicorn with as many workers, each under the same open-loop overload."""
+    heavy_n = args.heavy_n or HEAVY_N
+    say("overload, kit: starting the server (auto-sized, default settings)")
+    with serving(make_server("overload kit", args.out, args.port)) as kit_pool:
+        pool_capacity = capacity(kit_pool, f"/heavy?n={heavy_n}", plan)
+        rate = min(MAX_RATE, round(args.multiple * pool_capacity))
+        spec = Overload(
+            multiple=args.multiple,
+            capacity_rps=pool_capacity,
+            rate=rate,
+            duration_s=args.overload_duration or plan.overload_s,
+            timeout_s=max(1, round(args.timeout or TIMEOUT_S)),
+            heavy_n=heavy_n,
+            recovery_limit_s=plan.recovery_limit_s,
+        )
+        results = [overload("kit", kit_pool, spec)]
+    say(f"overload, stock Gunicorn: starting gunicorn -w {workers} heavyapp:app")
+    with serving(make_server("overload stock", args.out, args.port, stock=workers)) as stock:
+        results.insert(0, overload("stock Gunicorn", stock, spec))
+    return spec, results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load, budget = load_from(args), cpu_budget()
+    plan, budget = SHORT if args.short else FULL, cpu_budget()
+    parts = [args.only] if args.only else list(PARTS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    say(f"usable CPUs: {budget.usable} ({budget.source}); os.cpu_count() says {budget.total}")
+    if (busy := psutil.cpu_percent(interval=1.0)) > BUSY_WARNING_PERCENT:
+        say(f"warning: the CPUs are already {busy:.0f}% busy before the experiment: other")
+        say("  processes will take cores from the pool and blur the comparison; an idle")
+        say("  machine measures it")
+    load = spec = None
+    runs: list[RunResult] = []
+    overloads: list[OverloadResult] = []
     try:
-        results = run(load, args.out, args.port, budget)
-    except ServerError as exc:
+        tool("wrk")  # both parts start with a capacity; fail before any server starts
+        if "overload" in parts:
+            tool("hey")
+        if "before-after" in parts:
+            load, runs = before_after(args, plan, budget)
+        if "overload" in parts:
+            spec, overloads = overload_runs(args, plan, budget.usable)
+    except (ServerError, FileNotFoundError) as exc:
         print(f"heavyapp-experiment: {exc}", file=sys.stderr)
         return 2
     say("")
-    say(report.side_by_side(results))
-    md, png = report.write(args.out, results, load, budget)
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    say(f"\nreport: {md}\nchart:  {png}")
+    if load:
+        say(report.side_by_side(runs))
+    if spec:
+        say(report.overload_side_by_side(overloads, spec))
+    written = report.write(args.out, budget, load=load, runs=runs, spec=spec, overloads=overloads)
+    results = {
+        "load": load and asdict(load),
+        "runs": [asdict(r) for r in runs],
+        "overload": spec and asdict(spec),
+        "overload_runs": [asdict(r) for r in overloads],
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    say("\n" + "\n".join(f"{kind}: {path}" for kind, path in written))
     return 0
 
 

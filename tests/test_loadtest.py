@@ -136,10 +136,10 @@ def test_experiment_short_mode_reports_one_per_core_faster(tmp_path: Path) -> No
     usable = cpu_budget().usable
     if usable < 2:
         pytest.skip(reason=f"only {usable} usable CPU: one worker per core is one worker here")
-    done = run_experiment("--short", "--out", str(tmp_path))
+    done = run_experiment("--short", "--only", "before-after", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "single process" in done.stdout and "one per core" in done.stdout
-    single, pool = json.loads((tmp_path / "results.json").read_text())
+    single, pool = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert (single["workers"], pool["workers"]) == (1, usable)
     if pool["rps"] <= single["rps"] and pool["machine_busy"] > 0.9 > pool["server_cpu"] / usable:
         why = (
