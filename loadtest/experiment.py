@@ -141,7 +141,13 @@ def result_of(
 
 
 def make_server(
-    label: str, out: Path, port: int | None, *, workers: int | None = None, stock: int = 0
+    label: str,
+    out: Path,
+    port: int | None,
+    *,
+    workers: int | None = None,
+    stock: int = 0,
+    env: dict[str, str] | None = None,
 ) -> GunicornServer:
     """The kit (``workers=None``: its own sizing, as ``make run`` starts it), or with ``stock``
     workers plain ``gunicorn -w N heavyapp:app``; logs under ``out/<label>/``."""
@@ -150,7 +156,7 @@ def make_server(
     if stock:
         port = port or free_port()
         return GunicornServer(port=port, command=stock_gunicorn(port, stock), log_dir=log_dir)
-    return GunicornServer(workers=workers, port=port, log_dir=log_dir)
+    return GunicornServer(workers=workers, port=port, log_dir=log_dir, env=env)
 
 
 def capacity(server: GunicornServer, path: str, plan: Plan) -> float:
@@ -340,10 +346,15 @@ def overload_runs(
     args: argparse.Namespace, plan: Plan, workers: int
 ) -> tuple[Overload, list[OverloadResult]]:
     """The kit's pool as ``make run`` starts it (its capacity measured first: the base of the
-    rate), then stock Gunicorn with as many workers, each under the same open-loop overload."""
+    rate), then stock Gunicorn with as many workers, each under the same open-loop overload.
+
+    The kit is told how long its clients wait, as an operator would: ``HEAVYAPP_QUEUE_TIMEOUT``
+    at half the clients' timeout (its default, 2 s, is for clients more patient than 1 s)."""
     heavy_n = args.heavy_n or HEAVY_N
-    say("overload, kit: starting the server (auto-sized, default settings)")
-    with serving(make_server("overload kit", args.out, args.port)) as kit_pool:
+    timeout_s = max(1, round(args.timeout or TIMEOUT_S))
+    queue_timeout = {"HEAVYAPP_QUEUE_TIMEOUT": f"{timeout_s / 2:g}"}
+    say(f"overload, kit: starting the server (auto-sized, defaults but {queue_timeout})")
+    with serving(make_server("overload kit", args.out, args.port, env=queue_timeout)) as kit_pool:
         pool_capacity = capacity(kit_pool, f"/heavy?n={heavy_n}", plan)
         rate = min(MAX_RATE, round(args.multiple * pool_capacity))
         spec = Overload(
@@ -351,7 +362,7 @@ def overload_runs(
             capacity_rps=pool_capacity,
             rate=rate,
             duration_s=args.overload_duration or plan.overload_s,
-            timeout_s=max(1, round(args.timeout or TIMEOUT_S)),
+            timeout_s=timeout_s,
             heavy_n=heavy_n,
             recovery_limit_s=plan.recovery_limit_s,
         )
