@@ -204,14 +204,14 @@ def feed(codel: Codel, waits: list[tuple[float, float]]) -> list[str | None]:
 
 
 def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
-    codel = Codel(0.5)  # target 0.05, shed above 0.125, interval 1
-    # A burst: waits up to 0.4 s, but it drains within the window [0, 1).
-    burst = [(0.0, 0.0), (0.2, 0.2), (0.4, 0.4), (0.6, 0.3), (0.8, 0.01)]
+    codel = Codel(0.5)  # target 0.05, shed above 0.125, interval 0.25
+    # A burst: waits up to 0.4 s, but it drains within the window [0, 0.25).
+    burst = [(0.0, 0.0), (0.05, 0.2), (0.1, 0.4), (0.15, 0.3), (0.2, 0.01)]
     assert feed(codel, burst) == [None] * 5
-    # The window [1, 2): a standing queue, no request waited less than the target...
-    assert feed(codel, [(1.0, 0.3), (1.4, 0.3), (1.8, 0.2)]) == [None] * 3
+    # The window [0.25, 0.5): a standing queue, no request waited less than the target...
+    assert feed(codel, [(0.25, 0.3), (0.35, 0.3), (0.45, 0.2)]) == [None] * 3
     # ... so in the next one a wait above a quarter of the cap is cut, and the cap still holds.
-    assert feed(codel, [(2.0, 0.3), (2.1, 0.1), (2.2, 0.6)]) == ["codel", None, "queue-timeout"]
+    assert feed(codel, [(0.5, 0.3), (0.55, 0.1), (0.6, 0.6)]) == ["codel", None, "queue-timeout"]
     assert codel.dropping
     # Idle for a whole interval: the queue drained, nothing is cut any more.
     assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.dropping

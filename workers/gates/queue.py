@@ -88,11 +88,13 @@ class Codel:
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
-        # Measured (docs/benchmarks.md): an interval of one cap let exactly-at-capacity load be
-        # cut now and then; a target near ``shed_above`` flapped in and out of dropping.
+        # Measured (docs/benchmarks.md, bench/overload.py): with an interval of two caps, a
+        # moment of empty queue switched dropping off for a whole second, the queue grew back
+        # to the cap and the median answer took 0.31 s at 4x; half a cap keeps it near 0.16 s
+        # with the same goodput. A target near ``shed_above`` flapped in and out of dropping.
         self.target = cap / 10
         self.shed_above = cap / 4
-        self.interval = 2 * cap
+        self.interval = cap / 2
         self.dropping = False
         self._window_end = float("-inf")  # before the first request: idle
         self._window_min = float("inf")
