@@ -22,8 +22,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The whole suite on this Python, then (test-newest) on the newest one the machine offers.
 test: venv lint
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-newest
 
 # CI also runs the suite on the newest Python the machine offers (issue 13), from pyenv, in its
 # own venv, within CI's time: not the image (its base sets its Python), nor what tests third-party
