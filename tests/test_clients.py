@@ -235,22 +235,18 @@ def slow_bodies(server: GunicornServer, count: int, trickle: bool) -> list[float
     return ended
 
 
-def test_slow_bodies_each_end_within_the_body_deadline(attacked: GunicornServer) -> None:
-    """Eight bodies that stall, on two workers: each gets its 408 within the deadline plus
-    2 s — counted from its last byte's arrival, so none waits behind the others."""
+@pytest.mark.parametrize(
+    ("count", "trickle"), [(8, False), (2, True)], ids=["8 stalled", "2 trickled"]
+)
+def test_slow_bodies_end_within_the_body_deadline(
+    attacked: GunicornServer, count: int, trickle: bool
+) -> None:
+    """Bodies that stall (eight, on two workers) or trickle a byte every 0.3 s (one per worker:
+    a deadline per ``recv`` would never fire; this one is for the whole body) each end within
+    the deadline plus 2 s, counted from their first byte's arrival, and cost the pool nothing."""
     workers = attacked.worker_pids()
-    ended = slow_bodies(attacked, 8, trickle=False)
-    print(f"8 stalled bodies ended after {min(ended):.2f}..{max(ended):.2f}s")
-    assert healthz_seconds(attacked) < 1
-    assert_unharmed(attacked, workers)
-
-
-def test_a_trickled_body_ends_at_the_deadline(attacked: GunicornServer) -> None:
-    """A byte every 0.3 s: a deadline per ``recv`` would never fire; this one is for the
-    whole body. One per worker."""
-    workers = attacked.worker_pids()
-    ended = slow_bodies(attacked, 2, trickle=True)
-    print(f"2 trickled bodies ended after {min(ended):.2f}..{max(ended):.2f}s")
+    ended = slow_bodies(attacked, count, trickle=trickle)
+    print(f"{count} slow bodies ended after {min(ended):.2f}..{max(ended):.2f}s")
     assert healthz_seconds(attacked) < 1
     assert_unharmed(attacked, workers)
 
