@@ -76,9 +76,17 @@ def test_k8s_has_deployment_service_and_hpa():
     assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
 
 
+#: The Prometheus Operator's resources (PrometheusRule, ServiceMonitor) are CRDs:
+#: kubernetes-validate ships schemas for built-in kinds only, so they are checked field by field
+#: in test_monitoring_resources_have_the_operators_shape instead.
+OPERATOR_API = "monitoring.coreos.com/v1"
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_validate_strictly(version):
     for name, doc in manifests() + manifests(QUEUE_HPA_DIR):
+        if doc["apiVersion"] == OPERATOR_API:
+            continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -191,6 +199,39 @@ def test_service_and_hpa_point_at_the_deployment():
     metrics = [m["resource"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
     assert metrics == ["cpu"]
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
+
+
+def test_monitoring_resources_have_the_operators_shape():
+    """The fields the operator's CRDs (v1) define and this kit uses, nothing else: a
+    ServiceMonitor that selects the Service and scrapes its named port's /metrics, and a
+    PrometheusRule whose every rule is a record or an alert with an expr (the rules themselves
+    are checked by promtool in tests/test_alerts.py)."""
+    docs = {doc["kind"]: doc for _, doc in manifests() if doc["apiVersion"] == OPERATOR_API}
+    assert docs.keys() == {"ServiceMonitor", "PrometheusRule"}
+    for doc in docs.values():
+        assert doc.keys() == {"apiVersion", "kind", "metadata", "spec"}
+        assert doc["metadata"].keys() <= {"name", "namespace", "labels", "annotations"}
+    monitor = docs["ServiceMonitor"]["spec"]
+    service = by_kind("Service")
+    assert monitor.keys() <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint.keys() <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert (
+        endpoint["path"]
+        == by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"][
+            "prometheus.io/path"
+        ]
+    )
+    assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
+    groups = docs["PrometheusRule"]["spec"]["groups"]
+    assert docs["PrometheusRule"]["spec"].keys() == {"groups"}
+    for group in groups:
+        assert group.keys() <= {"name", "interval", "rules"} and group["rules"]
+        for rule in group["rules"]:
+            assert rule.keys() <= {"record", "alert", "expr", "for", "labels", "annotations"}
+            assert ("record" in rule) != ("alert" in rule) and isinstance(rule["expr"], str)
 
 
 # --------------------------------------------------------------------------- Compose
