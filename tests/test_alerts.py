@@ -183,12 +183,7 @@ def test_each_for_has_its_reason_in_a_comment():
 def test_the_prometheus_rule_is_the_rules_file_as_is():
     """deploy/k8s/prometheus-rule.yaml is rendered from the rules file, and its spec parses to
     the same groups (so kube-prometheus loads exactly what promtool tested)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prometheusrule", PROM_DIR / "prometheusrule.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(PROM_DIR / "prometheusrule.py", "prometheusrule")
     assert module.TARGET.read_text() == module.render(), (
         "deploy/k8s/prometheus-rule.yaml is stale: python deploy/prometheus/prometheusrule.py"
     )
@@ -241,7 +236,10 @@ def dashboard_names() -> set[str]:
 
 
 def panel_queries(dashboard: dict) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    """Every PromQL expression of the dashboard: the panels' targets and the variables'."""
+    targets = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    variables = [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return targets + variables
 
 
 def test_declarations_are_found():
@@ -251,7 +249,11 @@ def test_declarations_are_found():
 
 
 def samples_of(families: dict[str, set[str]]) -> set[str]:
-    return set().union(*families.values())
+    """Every name a query may use: the samples' names, and a histogram's family name (as the
+    annotations write it)."""
+    return set().union(*families.values()) | {
+        name for name, samples in families.items() if f"{name}_bucket" in samples
+    }
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])
@@ -261,6 +263,68 @@ def test_every_name_queried_is_declared_by_the_kit(source):
     assert names - samples_of(KIT) == set(), (
         f"the {source} query names the kit does not declare (renamed?)"
     )
+
+
+# --------------------------------------------------------------------------- the dashboard
+
+#: What an operator looks for first (issue 18), by a word of each panel's title.
+PANELS = {
+    "pool size and target": "Pool",
+    "requests by status": "Requests by status",
+    "5xx": "5xx",
+    "latency quantiles": "Latency",
+    "queue-wait quantiles": "Queue wait",
+    "refusals by reason": "Refusals by reason",
+    "worker exits by cause": "Worker exits by cause",
+    "native threads": "Native threads",
+    "memory per worker": "Memory per worker",
+}
+
+
+def load_module(path: Path, name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_json_is_what_its_generator_builds():
+    pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk (dev)")
+    generator = load_module(DASHBOARD.with_name("dashboard.py"), "dashboard")
+    assert generator.TARGET == DASHBOARD
+    assert DASHBOARD.read_text() == generator.render(), (
+        "deploy/grafana/heavyapp-dashboard.json is stale: python deploy/grafana/dashboard.py"
+    )
+
+
+def test_dashboard_loads_and_has_the_panels_and_a_datasource_variable():
+    sdk = pytest.importorskip(
+        "grafana_foundation_sdk.models.dashboard", reason="pip install grafana-foundation-sdk (dev)"
+    )
+    data = json.loads(DASHBOARD.read_text())
+    model = sdk.Dashboard.from_json(data)  # Grafana's schema, as the SDK types it
+    assert model.title and model.uid and len(model.panels) == len(data["panels"])
+    titles = [p["title"] for p in data["panels"]]
+    missing = {want for want, word in PANELS.items() if not any(word in t for t in titles)}
+    assert missing == set(), f"panels missing: {missing}"
+    assert len({p["id"] for p in data["panels"]}) == len(titles), "unique panel ids"
+    (source,) = [v for v in data["templating"]["list"] if v["type"] == "datasource"]
+    assert source["query"] == "prometheus"
+    ref = {"type": "prometheus", "uid": f"${{{source['name']}}}"}
+    for p in data["panels"]:
+        assert p["type"] == "timeseries" and p["datasource"] == ref, p["title"]
+        assert p["targets"] and all(t["datasource"] == ref for t in p["targets"]), p["title"]
+        assert all("$job" in t["expr"] and "$instance" in t["expr"] for t in p["targets"])
+    cells = [
+        (x, y)
+        for p in data["panels"]
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert len(cells) == len(set(cells)) and max(x for x, _ in cells) < 24, "panels overlap"
 
 
 # --------------------------------------------------------------------------- a real Prometheus
@@ -323,7 +387,9 @@ class Prometheus:
 def scrape_names(server: GunicornServer) -> set[str]:
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    families = list(text_string_to_metric_families(text))
+    histograms = {f.name for f in families if f.type == "histogram"}
+    return histograms | {s.name for family in families for s in family.samples}
 
 
 def shed_some(server: GunicornServer) -> None:
