@@ -11,8 +11,8 @@
 - a real Prometheus (Debian's binary, on a free loopback port, its own TSDB in a tmp dir) scrapes
   a real kit server every second with the shipped rules: idle, nothing is pending or firing and
   every rule evaluates without error; 4 workers SIGKILLed in 8 s make HeavyappWorkerCrashes
-  pending or firing within 60 s. The config is the shipped prometheus.yml with its target and
-  intervals replaced; no rule's ``for:`` is changed.
+  pending or firing within 60 s, and every dashboard panel has data. The config is the shipped
+  prometheus.yml with its target and intervals replaced; no rule's ``for:`` is changed.
 
 In CI (``HEAVYAPP_REQUIRE_PROMETHEUS=1``, set by .ci/run) a missing promtool or prometheus fails.
 """
@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -380,14 +381,31 @@ class Prometheus:
     def alerts(self) -> list[dict[str, Any]]:
         return self.get("/api/v1/alerts")["alerts"]
 
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["result"]
+
     def rule_groups(self) -> list[dict[str, Any]]:
         return self.get("/api/v1/rules")["groups"]
 
 
-def scrape_names(server: GunicornServer) -> set[str]:
+def panel_exprs(panel: dict) -> list[str]:
+    """A panel's queries as Grafana sends them with every server picked (rate window 1m)."""
+    return [
+        t["expr"]
+        .replace('"$job"', '".*"')
+        .replace('"$instance"', '".*"')
+        .replace("$__rate_interval", "1m")
+        for t in panel["targets"]
+    ]
+
+
+def scrape(server: GunicornServer) -> list[Any]:
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    families = list(text_string_to_metric_families(text))
+        return list(text_string_to_metric_families(resp.read().decode()))
+
+
+def scrape_names(server: GunicornServer) -> set[str]:
+    families = scrape(server)
     histograms = {f.name for f in families if f.type == "histogram"}
     return histograms | {s.name for family in families for s in family.samples}
 
@@ -407,6 +425,27 @@ def shed_some(server: GunicornServer) -> None:
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(get, range(8)))
     assert 503 in statuses and 200 in statuses, statuses
+
+
+@pytest.mark.server
+def test_pool_metrics_match_the_kernel(server: GunicornServer) -> None:
+    """The figures the dashboard and the saturation alert read, against psutil and the socket:
+    each worker's resident memory and threads by id, and the accept queue's limit."""
+    import psutil
+
+    values = {
+        (s.name, s.labels.get("worker_id")): s.value for f in scrape(server) for s in f.samples
+    }
+    ids = server.worker_ids()
+    assert len(ids) == 2
+    for pid, wid in ids.items():
+        proc = psutil.Process(pid)
+        rss = values[("heavyapp_worker_resident_bytes", str(wid))]
+        assert abs(rss - proc.memory_info().rss) < 0.2 * rss, (wid, rss)
+        assert values[("heavyapp_worker_threads", str(wid))] == proc.num_threads()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    gunicorn_backlog = 2048  # Gunicorn's default `backlog`; gunicorn_conf.py leaves it
+    assert values[("heavyapp_listen_backlog_limit", None)] == min(gunicorn_backlog, somaxconn)
 
 
 @pytest.mark.server
@@ -472,8 +511,25 @@ def test_real_prometheus_fires_the_worker_death_alert_and_nothing_when_idle(tmp_
             assert alert["labels"]["severity"] == "warning"
             assert str(server.port) in alert["annotations"]["summary"], "names the instance"
 
+            delayed = [
+                s.value
+                for f in scrape(server)
+                for s in f.samples
+                if s.name == "heavyapp_worker_restart_delays_total"
+            ]
+            assert delayed and delayed[0] >= 1, "each id died twice in 30 s: backoff engaged"
             shed_some(server)
             live = idle_names | scrape_names(server)
+            # Every panel's query is valid PromQL to this Prometheus (a 400 raises), and every
+            # panel has data once the requests above were scraped.
+            board = json.loads(DASHBOARD.read_text())
+            for panel in board["panels"]:
+                poll_until(
+                    lambda panel=panel: any(map(prom.query, panel_exprs(panel))),
+                    15,
+                    f"data for the panel {panel['title']!r}",
+                    every=0.5,
+                )
         finally:
             prom.stop()
     assert prom.proc is not None and prom.proc.poll() is not None, "Prometheus stopped"
