@@ -216,7 +216,11 @@ def test_monitoring_resources_have_the_operators_shape():
     assert monitor.keys() <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["endpoints"]
-    assert endpoint.keys() <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+    assert endpoint.keys() <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+    # The kit labels requests by `endpoint` (the route): the operator's own `endpoint` target
+    # label must go, or Prometheus renames the kit's and the alert rules' filters miss.
+    assert {"action": "labeldrop", "regex": "endpoint"} in endpoint["relabelings"]
+    assert '"endpoint"' in (REPO / "workers" / "flask_ext.py").read_text()
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert (
         endpoint["path"]
