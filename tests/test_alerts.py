@@ -182,11 +182,11 @@ def test_each_for_has_its_reason_in_a_comment():
 
 
 def test_the_prometheus_rule_is_the_rules_file_as_is():
-    """deploy/k8s/prometheus-rule.yaml is rendered from the rules file, and its spec parses to
-    the same groups (so kube-prometheus loads exactly what promtool tested)."""
+    """deploy/k8s/monitoring/prometheus-rule.yaml is rendered from the rules file, and its spec
+    parses to the same groups (so kube-prometheus loads exactly what promtool tested)."""
     module = load_module(PROM_DIR / "prometheusrule.py", "prometheusrule")
     assert module.TARGET.read_text() == module.render(), (
-        "deploy/k8s/prometheus-rule.yaml is stale: python deploy/prometheus/prometheusrule.py"
+        f"{module.TARGET} is stale: python deploy/prometheus/prometheusrule.py"
     )
     (doc,) = yaml.safe_load_all(module.TARGET.read_text())
     assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"

@@ -1,5 +1,5 @@
-"""Write deploy/k8s/prometheus-rule.yaml: heavyapp-rules.yaml, as it is, as the ``spec`` of a
-kube-prometheus ``PrometheusRule`` (the operator loads a PrometheusRule's spec as a rule file).
+"""Write deploy/k8s/monitoring/prometheus-rule.yaml: heavyapp-rules.yaml, as it is, as the
+``spec`` of a kube-prometheus ``PrometheusRule`` (the operator loads its spec as a rule file).
 
 Run it after changing the rules: ``python deploy/prometheus/prometheusrule.py``;
 tests/test_alerts.py fails while the two differ.
@@ -11,14 +11,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "heavyapp-rules.yaml"
-TARGET = HERE.parent / "k8s" / "prometheus-rule.yaml"
+TARGET = HERE.parent / "k8s" / "monitoring" / "prometheus-rule.yaml"
 HEADER = """\
 # GENERATED from deploy/prometheus/heavyapp-rules.yaml by deploy/prometheus/prometheusrule.py:
 # edit the rules file, then run the script. The heavyapp alerts for the Prometheus Operator
 # (kube-prometheus). Its Prometheus picks PrometheusRules by label (ruleSelector): kube-prometheus
 # selects prometheus=k8s and role=alert-rules, as below; the kube-prometheus-stack Helm chart
 # selects release=<its release name> unless ruleSelectorNilUsesHelmValues is false. The
-# ServiceMonitor (servicemonitor.yaml) makes job="heavyapp", which HeavyappDown matches.
+# ServiceMonitor (servicemonitor.yaml) makes job="heavyapp", which HeavyappDown matches. Apply
+# this directory only where the operator's CRDs exist: kubectl apply -f deploy/k8s/monitoring/
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
