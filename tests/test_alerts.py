@@ -518,6 +518,10 @@ def test_real_prometheus_fires_the_worker_death_alert_and_nothing_when_idle(tmp_
                 if s.name == "heavyapp_worker_restart_delays_total"
             ]
             assert delayed and delayed[0] >= 1, "each id died twice in 30 s: backoff engaged"
+            # Refusals twice: the first makes the series (a counter born at 6 has no rate yet),
+            # the second, once Prometheus holds them, moves them between two scrapes.
+            shed_some(server)
+            poll_until(lambda: prom.query("heavyapp_shed_total"), 15, "refusals scraped")
             shed_some(server)
             live = idle_names | scrape_names(server)
             # Every panel's query is valid PromQL to this Prometheus (a 400 raises), and every
