@@ -2,7 +2,11 @@
 
 ``Settings.from_env()`` reads them all into one frozen object, checking each value, so a bad one
 stops the server before the first fork with a message naming the variable. ``gunicorn_conf.py``
-assigns Gunicorn's settings from it; the master, the workers and heavyctl each read it once.
+assigns Gunicorn's settings from it. Each process reads it where it starts and keeps the object:
+the master's hooks (again on a HUP, which re-reads the configuration; what the master settles
+later, the run and metrics directories, it exports to its workers and replaces in its copy),
+the logger, each worker, heavyctl. The Flask side, which has no worker object to ask, reads it
+where it needs a value: for ``/metrics`` and for the journal of a view's exception.
 ``docs/configuration.md`` is generated from these declarations and the app's (``python -m
 workers.settings heavyapp.settings``), and a test fails when it is stale — the way Gunicorn's own
 settings page is built.
