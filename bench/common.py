@@ -63,9 +63,11 @@ def granian(port: int, workers: int) -> list[str]:
 
 
 def uwsgi(port: int, workers: int) -> list[str]:
+    """uWSGI looks the callable up in the module's dict, where ``heavyapp.app`` is not until
+    first asked for: it gets the factory, which it calls once, where it would load the app."""
     return [
         str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes",
-        str(workers), "--module", "heavyapp:app", "--need-app", "--die-on-term",
+        str(workers), "--module", "heavyapp:create_app()", "--need-app", "--die-on-term",
         "--disable-logging",
     ]  # fmt: skip
 

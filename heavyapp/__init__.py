@@ -1,8 +1,9 @@
 """heavyapp: a CPU-bound Flask service, served by ``gunicorn -c gunicorn_conf.py heavyapp:app``.
 
 ``heavyapp.app`` is built on first access (PEP 562), not at import: importing the package for
-its settings or its factory builds no app and no model. Gunicorn gets ``heavyapp:app`` by
-``getattr``, as uWSGI and Granian do, so it is built then, once per process that asks.
+its settings or its factory builds no app and no model. Gunicorn and Granian get
+``heavyapp:app`` by ``getattr``, so it is built then, once per process that asks; uWSGI reads
+the module's dict instead, so give it the factory: ``--module 'heavyapp:create_app()'``.
 """
 
 from __future__ import annotations
