@@ -22,9 +22,9 @@ from typing import TextIO
 
 import psutil
 
+from harness.closedloop import ClosedLoop, Report
+from harness.cpu import server_cpu_s, usable_cores
 from harness.server import GunicornServer, ServerError, free_port, serving
-from loadtest.closedloop import ClosedLoop, Report
-from loadtest.cpu import server_cpu_s, usable_cores
 
 #: Where each script's latest output is kept, as docs/benchmarks.md says.
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "bench"
@@ -46,13 +46,6 @@ def external(build: Callable[[int, int], list[str]]) -> Maker:
         return GunicornServer(port=port, command=build(port, workers))
 
     return make
-
-
-def stock_gunicorn(port: int, workers: int) -> list[str]:
-    """Gunicorn with none of the kit: no config file, the stock sync worker."""
-    return [
-        str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app",
-    ]  # fmt: skip
 
 
 def granian(port: int, workers: int) -> list[str]:

@@ -3,7 +3,7 @@ still served in time, how much is refused or never answered, and how long the se
 unusable after the load stops.
 
 A closed loop cannot overload a server (each client waits for its answer); this bench offers
-requests at a fixed rate with ``hey`` (loadtest/openloop.py: staggered processes, 1 s client
+requests at a fixed rate with ``hey`` (harness/openloop.py: staggered processes, 1 s client
 timeout). Capacity is measured first, once, on the kit (``wrk``, a closed loop saturating it;
 the best of a few short runs, as other people's work on a shared machine only ever lowers it)
 and is the base for every server's multiples. Servers, each with one worker per usable core: the kit
@@ -35,13 +35,12 @@ from bench.common import (
     peers,
     record,
     start_all,
-    stock_gunicorn,
     table,
     warm_up,
 )
-from harness.server import GunicornServer
-from loadtest.cpu import server_cpu_s, usable_cores
-from loadtest.openloop import OpenLoopResult, measure_capacity, open_loop, recovery_seconds
+from harness.cpu import server_cpu_s, usable_cores
+from harness.openloop import OpenLoopResult, measure_capacity, open_loop, recovery_seconds
+from harness.server import GunicornServer, stock_gunicorn
 
 PATH = "/heavy?n=1000000"
 HEALTH = "/healthz"

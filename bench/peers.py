@@ -36,8 +36,8 @@ from bench.common import (
     table,
     warm_up,
 )
-from loadtest.closedloop import ClosedLoop
-from loadtest.cpu import usable_cores
+from harness.closedloop import ClosedLoop
+from harness.cpu import usable_cores
 
 #: Path -> closed-loop clients: 4 on /heavy as in the original experiment; more on /healthz,
 #: where the client's own per-request cost is what limits a single client.

@@ -24,9 +24,9 @@ from bench.common import (
     table,
     warm_up,
 )
+from harness.closedloop import ClosedLoop
+from harness.cpu import usable_cores
 from harness.server import GunicornServer, serving
-from loadtest.closedloop import ClosedLoop
-from loadtest.cpu import usable_cores
 
 
 def run_pool(workers: int, duration: float) -> Measurement:

@@ -26,6 +26,7 @@ from workers.shared import titles
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_COMMAND = ["-c", "gunicorn_conf.py", "heavyapp:app"]
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 
 
 class ServerError(RuntimeError):
@@ -42,6 +43,12 @@ def free_port() -> int:
 def port_is_taken(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stock_gunicorn(port: int, workers: int) -> list[str]:
+    """Gunicorn with none of the kit: no config file, the stock sync worker (the peer the
+    benchmarks and the experiment measure the kit against)."""
+    return [GUNICORN, "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app"]
 
 
 class GunicornServer:
@@ -70,8 +77,7 @@ class GunicornServer:
         self.env.pop("BIND", None)
         if workers is not None:
             self.env["WEB_CONCURRENCY"] = str(workers)
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        self.command = command or [gunicorn, *SERVER_COMMAND, *(args or [])]
+        self.command = command or [GUNICORN, *SERVER_COMMAND, *(args or [])]
         self.log_path = (log_dir or self.run_dir) / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

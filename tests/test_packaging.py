@@ -116,3 +116,13 @@ def test_the_kit_keeps_no_state_behind_global_statements() -> None:
         if isinstance(node, ast.Global)
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize(("package", "other"), [("bench", "loadtest"), ("loadtest", "bench")])
+def test_bench_and_loadtest_share_only_through_the_harness(package: str, other: str) -> None:
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / package).rglob("*.py"))
+        if other in imported_roots(path.read_text())
+    ]
+    assert offenders == []
