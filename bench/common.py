@@ -162,6 +162,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def legend(text: str, notes: Sequence[str] = ()) -> None:
+    """The paragraph under a table (how to read it), then the run's notes as a list."""
+    print(f"\n{text}")
+    for note in notes:
+        print(f"- {note}")
+
+
 def machine() -> str:
     """One line that says where and when the figures were measured."""
     return (

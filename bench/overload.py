@@ -29,6 +29,7 @@ from bench.common import (
     Maker,
     external,
     kit,
+    legend,
     machine,
     machine_busy,
     others_share,
@@ -158,8 +159,8 @@ def main() -> None:
     ]  # fmt: skip
     print(table(headers, rows(runs, capacity, list(servers))))
     first = runs[0].result
-    print(
-        f"\nCapacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
+    text = (
+        f"Capacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
         f"({', '.join(f'{c:.1f}' for c in capacities)} rps) against "
         f"{'the kit' if 'kit' in servers else next(iter(servers))} ({n} workers), the base of "
         f"every multiple. Each run: {args.duration:g} s of arrivals from {first.processes} hey "
@@ -179,8 +180,7 @@ def main() -> None:
                 f"{run.server} at {run.multiple:g}x: {run.result.other} answers neither served "
                 f"within the timeout nor refused; statuses of all answers {statuses}"
             )
-    for note in notes:
-        print(f"- {note}")
+    legend(text, notes)
 
 
 if __name__ == "__main__":
