@@ -14,10 +14,10 @@ have them. Deaths are recorded by the master, view exceptions by the worker that
 a hook runs in that process, so keep it quick (hand slow work to a thread). A failing hook is
 logged and never stops the others or the server.
 
-The hooks are one ``CrashHooks`` object, ``hooks``, made with this module as a Flask extension's
-object is: ``on_crash`` is its ``add``, filled by the config before the master starts (the
-workers inherit it by fork), and the master holds it (``Master.crash_hooks``) and hands it to
-``record``; a test makes its own.
+The hooks are one ``CrashHooks`` object, ``hooks``, made at import as a Flask extension's object
+is: ``on_crash`` is its ``add``, filled by the config before the master starts (the workers
+inherit it by fork); the master holds it (``Master.crash_hooks``) and hands it to ``record``,
+and a test makes its own.
 """
 
 from __future__ import annotations
