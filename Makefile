@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := dev,load
 
-.PHONY: venv run test test-newest lint experiment load-tools bench clean
+.PHONY: venv run test test-newest newest-suite lint experiment load-tools bench clean
 
 venv: $(STAMP)
 
@@ -22,14 +22,15 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The whole suite on this Python, then (test-newest) on the newest one the machine offers.
+# Lint and the whole suite, on this Python: all a machine with Python 3.11+ and make needs.
 test: venv lint
 	$(BIN)/pytest
-	$(MAKE) --no-print-directory test-newest
 
-# CI also runs the suite on the newest Python the machine offers (issue 13), from pyenv, in its
-# own venv, within CI's time: not the image (its base sets its Python), nor what tests third-party
-# tools rather than the kit (nginx in front, Locust and matplotlib, so no load extra either).
+# CI adds, after make test, the suite on the newest Python it offers (issue 13), from pyenv, in
+# its own venv, within CI's time: not the image (its base sets its Python), nor what tests
+# third-party tools rather than the kit (nginx in front, Locust and matplotlib, so no load extra
+# either). Where that Python is missing it says it ran nothing and succeeds; with
+# HEAVYAPP_REQUIRE_NEWEST=1 (.ci/run sets it) it fails instead, so CI never passes without it.
 NEWEST := 3.13
 NEWEST_VENV := .venv-$(NEWEST)
 
@@ -37,9 +38,14 @@ test-newest:
 	@py=$$(ls -v $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(NEWEST).*/bin/python$(NEWEST) 2>/dev/null \
 	    | tail -n 1); \
 	if [ -z "$$py" ]; then \
-	    echo "test-newest: no Python $(NEWEST) in pyenv (pyenv install $(NEWEST))" >&2; exit 1; \
+	    echo "test-newest: no Python $(NEWEST) in pyenv (pyenv install $(NEWEST)): ran nothing" >&2; \
+	    [ "$${HEAVYAPP_REQUIRE_NEWEST:-}" != 1 ] || exit 1; \
+	    exit 0; \
 	fi; \
-	$(MAKE) --no-print-directory VENV=$(NEWEST_VENV) PYTHON=$$py EXTRAS=dev venv
+	$(MAKE) --no-print-directory VENV=$(NEWEST_VENV) PYTHON=$$py EXTRAS=dev venv newest-suite
+
+# test-newest's second half, once it has made that Python's venv.
+newest-suite:
 	$(NEWEST_VENV)/bin/pytest -m "not container and not front" --ignore=tests/test_loadtest.py
 
 experiment: venv load-tools

@@ -22,9 +22,9 @@ from typing import TextIO
 
 import psutil
 
+from harness.closedloop import ClosedLoop, Report
+from harness.cpu import server_cpu_s, usable_cores
 from harness.server import GunicornServer, ServerError, free_port, serving
-from loadtest.closedloop import ClosedLoop, Report
-from loadtest.cpu import server_cpu_s, usable_cores
 
 #: Where each script's latest output is kept, as docs/benchmarks.md says.
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "bench"
@@ -48,13 +48,6 @@ def external(build: Callable[[int, int], list[str]]) -> Maker:
     return make
 
 
-def stock_gunicorn(port: int, workers: int) -> list[str]:
-    """Gunicorn with none of the kit: no config file, the stock sync worker."""
-    return [
-        str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app",
-    ]  # fmt: skip
-
-
 def granian(port: int, workers: int) -> list[str]:
     return [
         str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
@@ -63,9 +56,11 @@ def granian(port: int, workers: int) -> list[str]:
 
 
 def uwsgi(port: int, workers: int) -> list[str]:
+    """uWSGI looks the callable up in the module's dict, where ``heavyapp.app`` is not until
+    first asked for: it gets the factory, which it calls once, where it would load the app."""
     return [
         str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes",
-        str(workers), "--module", "heavyapp:app", "--need-app", "--die-on-term",
+        str(workers), "--module", "heavyapp:create_app()", "--need-app", "--die-on-term",
         "--disable-logging",
     ]  # fmt: skip
 
@@ -165,6 +160,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     ]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def legend(text: str, notes: Sequence[str] = ()) -> None:
+    """The paragraph under a table (how to read it), then the run's notes as a list."""
+    print(f"\n{text}")
+    for note in notes:
+        print(f"- {note}")
 
 
 def machine() -> str:

@@ -26,18 +26,16 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
 from bench.common import Measurement, client_note, machine, measure, record, table, warm_up
-from harness.server import GunicornServer, free_port, serving
-from loadtest.closedloop import ClosedLoop, fetch
-from loadtest.cpu import usable_cores
+from harness.closedloop import ClosedLoop, fetch
+from harness.cpu import usable_cores
+from harness.server import GunicornServer, free_port, serving, stock_gunicorn
 from workers.settings import NATIVE_THREADS
 from workers.shared.threads import VARIABLES
 
-BIN = Path(sys.executable).parent
 #: Set on some machines for old OpenBLAS builds; unset for this script's own commands only.
 OPENBLAS_TUNING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MODEL_MB = 256
@@ -88,8 +86,7 @@ def kit(workers: int, env: dict[str, str] | None = None) -> GunicornServer:
 
 def stock(workers: int) -> GunicornServer:
     port = free_port()
-    command = [str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}"]
-    return GunicornServer(port=port, command=[*command, "heavyapp:app"])
+    return GunicornServer(port=port, command=stock_gunicorn(port, workers))
 
 
 def load(server: GunicornServer, path: str, clients: int, seconds: float) -> Measurement:

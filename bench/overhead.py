@@ -15,8 +15,8 @@ import argparse
 import contextlib
 
 from bench.common import Measurement, client_note, machine, measure, median, record, table, warm_up
+from harness.closedloop import ClosedLoop
 from harness.server import GunicornServer, serving
-from loadtest.closedloop import ClosedLoop
 
 SERVERS = {
     "HeavyWorker": [],

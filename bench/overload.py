@@ -3,7 +3,7 @@ still served in time, how much is refused or never answered, and how long the se
 unusable after the load stops.
 
 A closed loop cannot overload a server (each client waits for its answer); this bench offers
-requests at a fixed rate with ``hey`` (loadtest/openloop.py: staggered processes, 1 s client
+requests at a fixed rate with ``hey`` (harness/openloop.py: staggered processes, 1 s client
 timeout). Capacity is measured first, once, on the kit (``wrk``, a closed loop saturating it;
 the best of a few short runs, as other people's work on a shared machine only ever lowers it)
 and is the base for every server's multiples. Servers, each with one worker per usable core: the kit
@@ -29,19 +29,19 @@ from bench.common import (
     Maker,
     external,
     kit,
+    legend,
     machine,
     machine_busy,
     others_share,
     peers,
     record,
     start_all,
-    stock_gunicorn,
     table,
     warm_up,
 )
-from harness.server import GunicornServer
-from loadtest.cpu import server_cpu_s, usable_cores
-from loadtest.openloop import OpenLoopResult, measure_capacity, open_loop, recovery_seconds
+from harness.cpu import server_cpu_s, usable_cores
+from harness.openloop import OpenLoopResult, measure_capacity, open_loop, recovery_seconds
+from harness.server import GunicornServer, stock_gunicorn
 
 PATH = "/heavy?n=1000000"
 HEALTH = "/healthz"
@@ -159,8 +159,8 @@ def main() -> None:
     ]  # fmt: skip
     print(table(headers, rows(runs, capacity, list(servers))))
     first = runs[0].result
-    print(
-        f"\nCapacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
+    text = (
+        f"Capacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
         f"({', '.join(f'{c:.1f}' for c in capacities)} rps) against "
         f"{'the kit' if 'kit' in servers else next(iter(servers))} ({n} workers), the base of "
         f"every multiple. Each run: {args.duration:g} s of arrivals from {first.processes} hey "
@@ -180,8 +180,7 @@ def main() -> None:
                 f"{run.server} at {run.multiple:g}x: {run.result.other} answers neither served "
                 f"within the timeout nor refused; statuses of all answers {statuses}"
             )
-    for note in notes:
-        print(f"- {note}")
+    legend(text, notes)
 
 
 if __name__ == "__main__":

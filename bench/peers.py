@@ -27,6 +27,7 @@ from bench.common import (
     Measurement,
     client_note,
     kit,
+    legend,
     machine,
     measure,
     median,
@@ -36,8 +37,8 @@ from bench.common import (
     table,
     warm_up,
 )
-from loadtest.closedloop import ClosedLoop
-from loadtest.cpu import usable_cores
+from harness.closedloop import ClosedLoop
+from harness.cpu import usable_cores
 
 #: Path -> closed-loop clients: 4 on /heavy as in the original experiment; more on /healthz,
 #: where the client's own per-request cost is what limits a single client.
@@ -123,12 +124,11 @@ def main() -> None:
         ]
     print(table(headers, rows))
     every = [m for ms in runs.values() for m in ms]
-    print(
-        f"\n{args.rounds} rounds of {args.duration:.0f}s per server and path, medians. "
-        f"CPU µs/req: every process under the server's master, from /proc. {client_note(every)}"
+    legend(
+        f"{args.rounds} rounds of {args.duration:.0f}s per server and path, medians. "
+        f"CPU µs/req: every process under the server's master, from /proc. {client_note(every)}",
+        notes,
     )
-    for note in notes:
-        print(f"- {note}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 from bench.common import (
     Measurement,
     client_note,
+    legend,
     machine,
     measure,
     median,
@@ -24,9 +25,9 @@ from bench.common import (
     table,
     warm_up,
 )
+from harness.closedloop import ClosedLoop
+from harness.cpu import usable_cores
 from harness.server import GunicornServer, serving
-from loadtest.closedloop import ClosedLoop
-from loadtest.cpu import usable_cores
 
 
 def run_pool(workers: int, duration: float) -> Measurement:
@@ -81,8 +82,8 @@ def main() -> None:
         "server's use of the CPU left",
     ]
     print(table(headers, rows))
-    print(
-        f"\nCeiling: {n_cores} cores / {cpu_per_request * 1000:.1f} ms of CPU per request "
+    legend(
+        f"Ceiling: {n_cores} cores / {cpu_per_request * 1000:.1f} ms of CPU per request "
         f"(median of the rows) = {ceiling:.1f} rps. 'Net of client' subtracts the CPU the load "
         f"generator used in that row from the cores; 'others' CPU' is what other processes on the "
         "machine took during the row, and the last column the share of the CPU left by the "

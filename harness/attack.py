@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from harness.closedloop import percentile
+
 SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # half a head: no blank line, ever
 SLOW_BODY_HEAD = (
     b"POST /heavy HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -50,12 +52,17 @@ class AttackResult:
         return {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
 
 
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (the value at least ``pct`` % of samples do not exceed)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+@dataclass(frozen=True)
+class Mix:
+    """How many attacking connections of each kind are held open."""
+
+    idle: int = 200
+    slow_heads: int = 50
+    slow_bodies: int = 8
+
+
+#: The attack docs/front.md measures: 200 idle connections, 50 slow heads, 8 slow bodies.
+FULL_MIX = Mix()
 
 
 class _Slot:
@@ -71,20 +78,13 @@ class Attackers:
     """The attacking connections, driven from one thread with a selector until ``stop()``."""
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        idle: int = 200,
-        slow_heads: int = 50,
-        slow_bodies: int = 8,
-        max_reopens_per_slot: int = 20,
+        self, host: str, port: int, mix: Mix = FULL_MIX, *, max_reopens_per_slot: int = 20
     ) -> None:
         self.addr = (host, port)
         self.slots = (
-            [_Slot("idle") for _ in range(idle)]
-            + [_Slot("head") for _ in range(slow_heads)]
-            + [_Slot("body") for _ in range(slow_bodies)]
+            [_Slot("idle") for _ in range(mix.idle)]
+            + [_Slot("head") for _ in range(mix.slow_heads)]
+            + [_Slot("body") for _ in range(mix.slow_bodies)]
         )
         self.reopen_budget = max_reopens_per_slot * len(self.slots)
         self.opened = 0
@@ -190,9 +190,7 @@ def run_attack(
     port: int,
     seconds: float,
     *,
-    idle: int = 200,
-    slow_heads: int = 50,
-    slow_bodies: int = 8,
+    mix: Mix = FULL_MIX,
     probe_every: float = 0.2,
     probe_timeout: float = 5.0,
 ) -> AttackResult:
@@ -201,7 +199,7 @@ def run_attack(
     A failed probe (error, non-200 or no answer within ``probe_timeout``) counts as
     ``probe_timeout`` in the percentiles, so a starved server cannot look fast.
     """
-    attackers = Attackers(host, port, idle=idle, slow_heads=slow_heads, slow_bodies=slow_bodies)
+    attackers = Attackers(host, port, mix)
     latencies: list[float] = []
     failures = 0
     started = time.monotonic()

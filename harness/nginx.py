@@ -17,14 +17,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO
 
 import psutil
 
-from harness.server import REPO, GunicornServer, free_port, port_is_taken
+from harness.process import ChildServer, free_port
+from harness.server import REPO, GunicornServer
 
 NGINX_CONF = REPO / "deploy" / "nginx" / "heavyapp.conf"
 NGINX_BINARY = "/usr/sbin/nginx"
@@ -86,12 +85,18 @@ def placeholders(template: str) -> set[str]:
     return {a or b for a, b in PLACEHOLDER.findall(template)}
 
 
-class NginxFront:
+class NginxFront(ChildServer):
     """``nginx -g 'daemon off;'`` on 127.0.0.1:<free port>, proxying to ``upstream``.
 
     ``upstream`` is a started ``GunicornServer`` or a ``host:port`` string (a test's own tiny
-    HTTP server). Only the nginx master we started, and its own workers, are ever signalled.
+    HTTP server). Only the nginx master we started, and its own workers, are ever signalled:
+    SIGQUIT, nginx's graceful stop, then SIGKILL by pid if it does not exit in time.
     """
+
+    Error = NginxError
+    what = "nginx"
+    stop_signal = signal.SIGQUIT
+    stop_timeout = 10.0
 
     def __init__(
         self,
@@ -109,10 +114,9 @@ class NginxFront:
         self.upstream = (
             f"127.0.0.1:{upstream.port}" if isinstance(upstream, GunicornServer) else upstream
         )
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        tmp = Path(tempfile.mkdtemp(prefix="heavyapp-nginx-", dir="/tmp"))
+        super().__init__(port or free_port(), tmp, tmp / "stdout.log")
         self.workers = workers
-        self.tmp = Path(tempfile.mkdtemp(prefix="heavyapp-nginx-", dir="/tmp"))
         # nginx's workers drop to "nobody" when the master is root: they must reach the temp
         # directories under here (nginx creates and chowns those itself).
         self.tmp.chmod(0o711)
@@ -124,8 +128,10 @@ class NginxFront:
         (self.tmp / "heavyapp.conf").write_text(self.rendered)
         user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
         self.conf_path.write_text(WRAPPER.format(user=user, workers=workers, tmp=self.tmp))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
+
+    @property
+    def tmp(self) -> Path:
+        return self.directory
 
     def command(self, *extra: str) -> list[str]:
         """nginx with our prefix, config and error log: nothing falls back to /etc or /var."""
@@ -149,24 +155,12 @@ class NginxFront:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> NginxFront:
-        if port_is_taken(self.port):
-            raise NginxError(f"port {self.port} on 127.0.0.1 is already taken")
-        self._out = open(self.tmp / "stdout.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.command("-g", "daemon off;"),
-            cwd=self.tmp,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise NginxError(f"nginx exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.answers():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise NginxError(f"nginx not answering within {timeout}s:\n{self.log_tail()}")
+        command = self.command("-g", "daemon off;")
+        self.launch(command, cwd=self.tmp, env=None, timeout=timeout, give_up=signal.SIGQUIT)
+        return self
+
+    def ready(self) -> bool:
+        return self.answers()
 
     def answers(self) -> bool:
         """nginx answered an HTTP request (any status: the upstream may still be starting)."""
@@ -180,40 +174,12 @@ class NginxFront:
         finally:
             conn.close()
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def worker_pids(self) -> list[int]:
         """nginx's own worker processes (children of the master we started)."""
         try:
             return sorted(p.pid for p in psutil.Process(self.pid).children())
         except psutil.NoSuchProcess:
             return []
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGQUIT (nginx's graceful stop) to our master; SIGKILL to it and its workers, by
-        pid, only if it does not exit in time. Its exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                for pid in [*self.worker_pids(), self.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if self._out:
-            self._out.close()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        """Stop nginx if it still runs and delete its directory (mkdtemp made it)."""
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> NginxFront:
         return self.start()
@@ -231,10 +197,9 @@ class NginxFront:
         path = self.tmp / "access.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def log_tail(self, lines: int = 30) -> str:
-        out = self.tmp / "stdout.log"
-        text = self.error_log() + (out.read_text(errors="replace") if out.exists() else "")
-        return "\n".join(text.splitlines()[-lines:])
+    def log_text(self) -> str:
+        """The error log, then what nginx wrote to its stdout and stderr."""
+        return self.error_log() + super().log_text()
 
 
 @contextlib.contextmanager

@@ -8,44 +8,38 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import psutil
 
+from harness.process import ChildServer, free_port
 from workers.shared import titles
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_COMMAND = ["-c", "gunicorn_conf.py", "heavyapp:app"]
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 
 
 class ServerError(RuntimeError):
     """The server did not start (or stop) as asked; the message carries its log's tail."""
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def stock_gunicorn(port: int, workers: int) -> list[str]:
+    """Gunicorn with none of the kit: no config file, the stock sync worker (the peer the
+    benchmarks and the experiment measure the kit against)."""
+    return [GUNICORN, "-w", str(workers), "-b", f"127.0.0.1:{port}", "heavyapp:app"]
 
 
-def port_is_taken(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class GunicornServer:
+class GunicornServer(ChildServer):
     """One ``gunicorn -c gunicorn_conf.py heavyapp:app`` on 127.0.0.1 with its own run directory."""
+
+    Error = ServerError
 
     def __init__(
         self,
@@ -57,82 +51,41 @@ class GunicornServer:
         log_dir: Path | None = None,
         command: list[str] | None = None,
     ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.run_dir = Path(tempfile.mkdtemp(prefix="heavyapp-", dir="/tmp"))
+        run_dir = Path(tempfile.mkdtemp(prefix="heavyapp-", dir="/tmp"))
+        super().__init__(port or free_port(), run_dir, (log_dir or run_dir) / "server.log")
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
-            "HEAVYAPP_RUN_DIR": str(self.run_dir),
+            "HEAVYAPP_RUN_DIR": str(run_dir),
             **(env or {}),
         }
         self.env.pop("BIND", None)
         if workers is not None:
             self.env["WEB_CONCURRENCY"] = str(workers)
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        self.command = command or [gunicorn, *SERVER_COMMAND, *(args or [])]
-        self.log_path = (log_dir or self.run_dir) / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self.command = command or [GUNICORN, *SERVER_COMMAND, *(args or [])]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.directory
+
+    @property
+    def log_path(self) -> Path:
+        return self.output
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> GunicornServer:
-        if port_is_taken(self.port):
-            raise ServerError(f"port {self.port} on 127.0.0.1 is already taken")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.command, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            if self.healthy() and len(self.worker_pids()) >= self.expected_workers():
-                return self
-            time.sleep(0.05)
-        self.stop(signal.SIGKILL)
-        raise ServerError(f"server not ready within {timeout}s:\n{self.tail()}")
+        self.launch(self.command, cwd=REPO, env=self.env, timeout=timeout, give_up=signal.SIGKILL)
+        return self
+
+    def ready(self) -> bool:
+        return self.healthy() and len(self.worker_pids()) >= self.expected_workers()
 
     def expected_workers(self) -> int:
         """The pool size the master announced in its log (0 until it did)."""
         match = re.search(r"starting (\d+) workers", self.log_text())
         return int(match.group(1)) if match else 1
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int | None:
-        """Signal the master (only the master we started) and wait for it; its exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_tree()
-                self.proc.wait(5)
-        if self._log:
-            self._log.close()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        """Stop the server if it still runs and delete its run directory (mkdtemp made it).
-
-        Apart from ``stop()`` because callers read the log and the crash journal after stopping.
-        """
-        self.stop()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def kill_tree(self) -> None:
-        """Last resort: SIGKILL the master and the workers it started, by pid."""
-        assert self.proc is not None
-        try:
-            family = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        for p in [*family, psutil.Process(self.proc.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
 
     def __enter__(self) -> GunicornServer:
         return self.start()
@@ -144,8 +97,7 @@ class GunicornServer:
 
     @property
     def master_pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self.pid
 
     def worker_pids(self) -> list[int]:
         """Pids of the master's live children that are workers (by their process title)."""
@@ -190,12 +142,6 @@ class GunicornServer:
                 return resp.status == 200
         except OSError:
             return False
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> list[str]:
         """Poll the log until ``pattern`` (a regex) matched ``count`` lines; return those lines."""

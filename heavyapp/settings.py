@@ -43,6 +43,9 @@ def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int
 
 @dataclass(frozen=True)
 class Settings:
+    """Checked when the app is created: a bad value stops Gunicorn with the same message in
+    its traceback."""
+
     default_n: int = _setting(
         "HEAVYAPP_DEFAULT_N", 1_000_000, "`/heavy` work size when `n` is not given", minimum=0
     )

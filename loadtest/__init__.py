@@ -1,1 +1,2 @@
-"""Load-testing tools around Locust: the before/after experiment and its report."""
+"""The before/after experiment (``make experiment``) around Locust, and its report; the load
+clients it shares with the benchmarks are in ``harness/``."""

@@ -34,11 +34,10 @@ import locust  # before anything imports ssl: Locust monkey-patches the standard
 import psutil
 from locust.env import Environment
 
-from bench.common import stock_gunicorn
-from harness.server import REPO, GunicornServer, ServerError, free_port, serving
+from harness.cpu import server_cpu_s
+from harness.openloop import MAX_RATE, measure_capacity, open_loop, recovery_seconds, tool
+from harness.server import REPO, GunicornServer, ServerError, free_port, serving, stock_gunicorn
 from loadtest import report
-from loadtest.cpu import server_cpu_s
-from loadtest.openloop import MAX_RATE, measure_capacity, open_loop, recovery_seconds, tool
 from loadtest.results import Load, Overload, OverloadResult, RunResult, Sample
 from workers.master.sizing import CpuBudget, cpu_budget
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from harness.openloop import OpenLoopResult
 from loadtest.balance import WorkerRow
-from loadtest.openloop import OpenLoopResult
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class RunResult:
 @dataclass(frozen=True)
 class Overload:
     """The open-loop overload both pools get: ``multiple`` times the kit pool's measured
-    capacity, new arrivals every second whatever the answers (loadtest/openloop.py)."""
+    capacity, new arrivals every second whatever the answers (harness/openloop.py)."""
 
     multiple: float
     capacity_rps: float

@@ -4,6 +4,7 @@ The app stands alone; the client here has the kit's Flask side attached, as a ki
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -113,6 +114,30 @@ def test_the_app_stands_alone_without_the_kit() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_importing_the_package_builds_no_app_until_asked() -> None:
+    """``import heavyapp`` reads no setting and builds nothing (a bad model size is not even
+    seen); ``heavyapp:app``, as Gunicorn loads it, builds the app once and refuses the bad value."""
+    code = (
+        "import heavyapp; "
+        "assert 'app' not in vars(heavyapp), 'built at import'; "
+        "from gunicorn.util import import_app; "
+        "import_app('heavyapp:app')"
+    )
+    env = {**os.environ, "HEAVYAPP_MODEL_MB": "lots"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
+    )
+    assert done.returncode == 1, done.stderr
+    assert "SettingsError: HEAVYAPP_MODEL_MB must be an integer, got 'lots'" in done.stderr
+    code = (
+        "import heavyapp; from gunicorn.util import import_app; "
+        "assert import_app('heavyapp:app') is import_app('heavyapp:app') is heavyapp.app; "
+        "print(type(heavyapp.app).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "Flask"), done.stderr
 
 
 def test_the_kit_attaches_once() -> None:

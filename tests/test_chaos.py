@@ -20,9 +20,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.closedloop import ClosedLoop, Report
 from harness.server import GunicornServer
 from helpers import http_get, poll_until
-from loadtest.closedloop import ClosedLoop, Report
 from workers.crashes import read_journal
 
 pytestmark = [pytest.mark.chaos, pytest.mark.server]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.openloop import Answer, OpenLoopResult, open_loop, recovery_seconds
 from harness.server import REPO, GunicornServer, free_port
-from loadtest.openloop import Answer, OpenLoopResult, open_loop, recovery_seconds
 from loadtest.report import overload_rows
 from loadtest.results import Overload, OverloadResult
 from workers.master.sizing import cpu_budget

@@ -1,4 +1,4 @@
-"""The open-loop client (loadtest/openloop.py) with the real ``hey`` against a real kit server."""
+"""The open-loop client (harness/openloop.py) with the real ``hey`` against a real kit server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
+from harness.openloop import loopback, open_loop, parse_csv, recovery_seconds, split
 from harness.server import GunicornServer
-from loadtest.openloop import loopback, open_loop, parse_csv, recovery_seconds, split
 
 # -- pure parts --------------------------------------------------------------------------------
 

@@ -93,3 +93,36 @@ def test_the_image_copies_only_runtime_files() -> None:
             *sources, _dest = [w for w in line.split()[1:] if not w.startswith("--")]
             copied |= set(sources)
     assert copied == {"pyproject.toml", "README.md", *SHIPPED, "gunicorn_conf.py"}
+
+
+def kit_sources() -> Iterator[tuple[str, str]]:
+    for path in sorted((REPO / "workers").rglob("*.py")):
+        yield str(path.relative_to(REPO)), path.read_text()
+
+
+def test_the_kit_never_imports_the_app() -> None:
+    """A user copies ``workers/`` next to their own app: nothing in it may need ``heavyapp``."""
+    offenders = [name for name, source in kit_sources() if "heavyapp" in imported_roots(source)]
+    assert offenders == []
+
+
+def test_the_kit_keeps_no_state_behind_global_statements() -> None:
+    """State lives on objects that are passed (the worker, the master's hooks), never rebound
+    module names."""
+    offenders = [
+        f"{name}:{node.lineno}"
+        for name, source in kit_sources()
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Global)
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(("package", "other"), [("bench", "loadtest"), ("loadtest", "bench")])
+def test_bench_and_loadtest_share_only_through_the_harness(package: str, other: str) -> None:
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / package).rglob("*.py"))
+        if other in imported_roots(path.read_text())
+    ]
+    assert offenders == []

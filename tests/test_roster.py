@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from workers import crashes
+from workers.crashes import on_crash
+from workers.master.hooks import Master
 from workers.master.roster import Backoff, Roster, classify
 from workers.settings import Settings
 
@@ -91,23 +93,38 @@ def test_scale_down_retires_the_highest_ids_and_reload_reuses_ids() -> None:
 
 def test_journal_and_hooks(tmp_path: Path) -> None:
     seen: list[dict] = []
+    hooks = crashes.CrashHooks()
 
+    @hooks.add
     def failing(_crash: dict) -> None:
         raise RuntimeError("a broken hook must not stop the others")
 
-    crashes.on_crash(failing)
-    crashes.on_crash(seen.append)
-    try:
-        journal = tmp_path / "crashes.jsonl"
-        crashes.record({"cause": "killed", "pid": 7, "worker_id": 0}, journal)
-        crashes.record({"cause": "exit", "pid": 8, "worker_id": 1}, journal)
-    finally:
-        crashes.remove_crash_hook(failing)
-        crashes.remove_crash_hook(seen.append)
+    hooks.add(seen.append)
+    hooks.add(seen.append)  # once only
+    journal = tmp_path / "crashes.jsonl"
+    crashes.record({"cause": "killed", "pid": 7, "worker_id": 0}, journal, hooks)
+    hooks.remove(failing)
+    crashes.record({"cause": "exit", "pid": 8, "worker_id": 1}, journal, hooks)
     lines = journal.read_text().splitlines()
     assert [json.loads(line)["pid"] for line in lines] == [7, 8]
     assert [c["cause"] for c in seen] == ["killed", "exit"] and "time" in seen[0]
     assert [c["pid"] for c in crashes.read_journal(journal, last=1)] == [8]
+
+
+def test_on_crash_registers_with_the_process_hooks_the_master_holds(tmp_path: Path) -> None:
+    """``from workers.crashes import on_crash`` (docs/operating.md) fills the hooks the master
+    is made with, and a record with no hooks named reaches them too (a worker's view error)."""
+    seen: list[dict] = []
+    hook = on_crash(seen.append)
+    try:
+        assert Master(Settings.from_env({})).crash_hooks is crashes.hooks
+        crashes.record({"cause": "exception", "pid": 9}, tmp_path / "crashes.jsonl")
+        crashes.record(
+            {"cause": "exit", "pid": 10}, tmp_path / "crashes.jsonl", crashes.CrashHooks()
+        )
+    finally:
+        crashes.remove_crash_hook(hook)
+    assert [c["pid"] for c in seen] == [9]
 
 
 def test_an_id_added_back_after_a_scale_down_replaces_nobody() -> None:

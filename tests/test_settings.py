@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from heavyapp.settings import Settings as AppSettings
 from workers import settings
 from workers.settings import Settings, SettingsError
 
@@ -66,8 +70,25 @@ def test_bad_values_are_refused_by_name(env: dict[str, str], says: str) -> None:
 
 
 def test_the_configuration_reference_is_current() -> None:
-    """Regenerate with ``python -m workers.settings > docs/configuration.md``."""
-    assert REFERENCE.read_text() == settings.reference()
+    """Regenerate with ``python -m workers.settings heavyapp.settings > docs/configuration.md``."""
+    assert REFERENCE.read_text() == settings.reference(AppSettings)
+
+
+def test_the_generator_takes_the_app_from_the_command_line_and_builds_no_app() -> None:
+    """The kit never imports the app: the app's settings module is named on the command line,
+    and importing it builds no app (a bad model size would stop an app being built)."""
+    env = {**os.environ, "HEAVYAPP_MODEL_MB": "lots"}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.settings", "heavyapp.settings"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=REPO,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == REFERENCE.read_text()
+    assert "## The app" not in settings.reference()  # without an app: the kit's part only
 
 
 def test_every_heavyapp_variable_in_the_code_is_documented() -> None:

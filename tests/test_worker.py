@@ -67,9 +67,11 @@ def journal(server: GunicornServer) -> list[dict]:
 
 
 def crash_and_recover(
-    server: GunicornServer, kind: str, expect_status: int
-) -> tuple[int, int, int]:
-    """Crash one worker through /chaos/<kind> under other traffic; (victim pid, id, newcomer)."""
+    server: GunicornServer, kind: str, died: str, expect_status: int = 0
+) -> tuple[int, int, dict]:
+    """Crash one worker through /chaos/<kind> under other traffic: its death logged as ``died``
+    (a regex: the exit, then the cause), replaced with the same id, one journal entry naming
+    the request. (Victim pid, its id, the entry.)"""
     before = server.wait_for_ids({0, 1})
     with background_traffic(server) as traffic:
         assert call(f"{server.url}/chaos/{kind}", "POST") == expect_status
@@ -78,29 +80,29 @@ def crash_and_recover(
         after = server.wait_for_ids({0, 1})
     assert pid in before and pid not in after
     (newcomer,) = set(after) - set(before)
-    assert after[newcomer] == before[pid], "the replacement takes the id of the worker it replaces"
+    wid = before[pid]
+    assert after[newcomer] == wid, "the replacement takes the id of the worker it replaces"
     assert traffic.statuses and set(traffic.statuses) == {200}, "the other worker kept serving"
-    return pid, before[pid], newcomer
+    server.wait_for_log(rf"worker pid={pid} died \({died}; worker id {wid}")
+    server.wait_for_log(rf"worker pid={newcomer} started: id {wid}, .* replaces pid={pid} \(")
+    (entry,) = journal(server)
+    assert (entry["pid"], entry["worker_id"]) == (pid, wid)
+    assert entry["request"] == f"POST /chaos/{kind}"
+    return pid, wid, entry
 
 
 def test_exit_is_logged_journaled_and_replaced_with_the_same_id(start_server: Start) -> None:
     server = start_server(workers=2, env=CHAOS)
-    pid, wid, newcomer = crash_and_recover(server, "exit", 0)
-    server.wait_for_log(rf"worker pid={pid} died \(exit code 13\): exit; worker id {wid}")
-    server.wait_for_log(rf"worker pid={newcomer} started: id {wid}, .* replaces pid={pid} \(exit\)")
-    (entry,) = journal(server)
-    assert entry["cause"] == "exit" and entry["exit_code"] == 13 and entry["pid"] == pid
-    assert entry["worker_id"] == wid and entry["request"] == "POST /chaos/exit"
+    pid, _, entry = crash_and_recover(server, "exit", r"exit code 13\): exit")
+    server.wait_for_log(rf"replaces pid={pid} \(exit\)")
+    assert entry["cause"] == "exit" and entry["exit_code"] == 13
 
 
 def test_segfault_leaves_the_python_traceback(start_server: Start) -> None:
     server = start_server(workers=2, env=CHAOS)
-    pid, wid, _ = crash_and_recover(server, "segfault", 0)
-    server.wait_for_log(rf"worker pid={pid} died \(signal SIGSEGV\): fatal-signal; worker id {wid}")
+    _, _, entry = crash_and_recover(server, "segfault", r"signal SIGSEGV\): fatal-signal")
     server.wait_for_log(r'File ".*heavyapp/chaos\.py", line \d+ in segfault')
-    (entry,) = journal(server)
     assert entry["signal"] == "SIGSEGV" and "in segfault" in entry["traceback"]
-    assert entry["request"] == "POST /chaos/segfault"
 
 
 def test_sigkill_gets_a_hint(server: GunicornServer) -> None:
@@ -142,15 +144,12 @@ def test_exception_answers_500_json_and_the_worker_lives(start_server: Start) ->
 
 def test_hung_request_is_killed_at_the_timeout_with_its_stack(start_server: Start) -> None:
     server = start_server(workers=2, env={**CHAOS, "TIMEOUT": "2"})
-    pid, wid, _ = crash_and_recover(server, "hang", 500)
+    pid, wid, entry = crash_and_recover(server, "hang", r"exit code 1\): timeout", 500)
     server.wait_for_log(
         rf"\[{pid}\] \[worker {wid}\] \[CRITICAL\] worker {wid} pid={pid} timed out after "
         r"[\d.]+s serving POST /chaos/hang, in hang\(\) at .*chaos\.py:\d+; stack:"
     )
-    server.wait_for_log(rf"worker pid={pid} died \(exit code 1\): timeout")
-    (entry,) = journal(server)
-    assert entry["cause"] == "timeout" and entry["request"] == "POST /chaos/hang"
-    assert "time.sleep(seconds)" in entry["traceback"]
+    assert entry["cause"] == "timeout" and "time.sleep(seconds)" in entry["traceback"]
 
 
 def test_memory_cap_recycles_without_a_failed_request(start_server: Start) -> None:

@@ -13,6 +13,11 @@ Register hooks in ``gunicorn_conf.py`` (or a module it imports) so the master an
 have them. Deaths are recorded by the master, view exceptions by the worker that caught them;
 a hook runs in that process, so keep it quick (hand slow work to a thread). A failing hook is
 logged and never stops the others or the server.
+
+The hooks are one ``CrashHooks`` object, ``hooks``, made at import as a Flask extension's object
+is: ``on_crash`` is its ``add``, filled by the config before the master starts (the workers
+inherit it by fork); the master holds it (``Master.crash_hooks``) and hands it to ``record``,
+and a test makes its own.
 """
 
 from __future__ import annotations
@@ -31,7 +36,37 @@ Crash = dict[str, Any]
 CrashHook = Callable[[Crash], None]
 
 log = logging.getLogger("gunicorn.error")
-_hooks: list[CrashHook] = []
+
+
+class CrashHooks:
+    """The callbacks a crash record is handed to, in the process that records it."""
+
+    def __init__(self) -> None:
+        self._hooks: list[CrashHook] = []
+
+    def add(self, hook: CrashHook) -> CrashHook:
+        """Register ``hook`` to be called with every crash record; usable as a decorator."""
+        if hook not in self._hooks:
+            self._hooks.append(hook)
+        return hook
+
+    def remove(self, hook: CrashHook) -> None:
+        if hook in self._hooks:
+            self._hooks.remove(hook)
+
+    def run(self, crash: Crash) -> None:
+        """Each hook in turn; one that raises is logged and skipped."""
+        for hook in list(self._hooks):
+            try:
+                hook(crash)
+            except Exception:
+                log.exception("crash hook %r failed", hook)
+
+
+#: This process's hooks: what ``gunicorn_conf.py`` registers, inherited by every worker.
+hooks = CrashHooks()
+on_crash = hooks.add
+remove_crash_hook = hooks.remove
 
 
 def entry(
@@ -62,20 +97,11 @@ def entry(
     }
 
 
-def on_crash(hook: CrashHook) -> CrashHook:
-    """Register ``hook`` to be called with every crash record; usable as a decorator."""
-    if hook not in _hooks:
-        _hooks.append(hook)
-    return hook
+def record(crash: Crash, journal: Path | None = None, to: CrashHooks = hooks) -> Crash:
+    """Stamp, append to the journal as one line, and hand to every hook of ``to``.
 
-
-def remove_crash_hook(hook: CrashHook) -> None:
-    if hook in _hooks:
-        _hooks.remove(hook)
-
-
-def record(crash: Crash, journal: Path | None = None) -> Crash:
-    """Stamp, append to the journal as one line, and hand to every hook."""
+    ``journal`` is the caller's settled path (the master's settings know it); without one it is
+    read from the environment, as a worker exports it."""
     crash = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **crash}
     path = journal or Settings.from_env().crash_log_path()
     line = (json.dumps(crash, default=str) + "\n").encode()
@@ -89,17 +115,12 @@ def record(crash: Crash, journal: Path | None = None) -> Crash:
             os.close(fd)
     except OSError as exc:
         log.error("cannot append to the crash journal %s: %s", path, exc)
-    for hook in list(_hooks):
-        try:
-            hook(crash)
-        except Exception:
-            log.exception("crash hook %r failed", hook)
+    to.run(crash)
     return crash
 
 
-def read_journal(path: Path | None = None, last: int | None = None) -> list[Crash]:
+def read_journal(path: Path, last: int | None = None) -> list[Crash]:
     """The journal's entries, oldest first (the last ``last`` of them if given)."""
-    path = path or Settings.from_env().crash_log_path()
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:

@@ -12,6 +12,8 @@ crashes from the journal. The server is found from the same variables the config
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -104,8 +106,13 @@ class Server:
         except FileNotFoundError:
             return {"generation": 0, "slots": {}}
 
+    @functools.cached_property
+    def settings(self) -> Settings:
+        """The kit's settings with this server's run directory; read once, when first needed."""
+        return dataclasses.replace(Settings.from_env(), run_dir_path=self.run_dir)
+
     def crash_log(self) -> Path:
-        return Settings.from_env({**os.environ, RUN_DIR: str(self.run_dir)}).crash_log_path()
+        return self.settings.crash_log_path()
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -251,7 +258,7 @@ def status(server: Server, interval: float) -> dict[str, Any]:
             "run_dir": str(server.run_dir),
         },
         "workers": rows,
-        "queue": queue_figures(Settings.from_env().metrics_dir or server.run_dir / "metrics"),
+        "queue": queue_figures(server.settings.metrics_path()),
     }
 
 

@@ -12,6 +12,7 @@ object kept on Gunicorn's arbiter, so it outlives a HUP, which re-reads this con
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -52,10 +53,12 @@ SHOWN_SETTINGS = (
 
 
 class Master:
-    """What the master keeps between hooks: settings, the roster, its lock, its metrics."""
+    """What the master keeps between hooks: settings, the roster, its lock, its metrics, the
+    crash hooks it hands each death to."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, crash_hooks: crashes.CrashHooks = crashes.hooks) -> None:
         self.settings = settings
+        self.crash_hooks = crash_hooks
         self.roster = Roster(Backoff.from_settings(settings))
         self.run_dir_lock: int | None = None  # fd of master.lock, held until the master exits
         self.metrics: MasterMetrics | None = None  # once the metrics directory is ready
@@ -144,7 +147,7 @@ def _settle_run_dir(server: Arbiter, master: Master, lock: bool) -> None:
     if lock:
         master.run_dir_lock = rundir.lock(where)
     export(RUN_DIR, str(where))
-    master.settings = Settings.from_env()  # now with the run directory settled
+    master.settings = dataclasses.replace(settings, run_dir_path=where)  # the one now settled
     if server.cfg.control_socket == env_default:
         internals.move_control_socket(server, str(where / "gunicorn.ctl"))
     server.log.info("run directory: %s (control socket, crash journal, metrics)", where)
@@ -242,7 +245,8 @@ def child_exit(server: Arbiter, worker: Any) -> None:
     if master.metrics:
         master.metrics.worker_left(worker.pid, death.cause, len(server.WORKERS))
     if not death.planned:
-        crashes.record(_crash_entry(death, words, fault), master.settings.crash_log_path())
+        entry = _crash_entry(death, words, fault)
+        crashes.record(entry, master.settings.crash_log_path(), master.crash_hooks)
     master.save_state(server)
     master.retitle(server)
 
@@ -323,7 +327,7 @@ def _before_the_app(server: Arbiter, master: Master) -> None:
             raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
         (where / "metrics").mkdir(exist_ok=True)
         export(METRICS_DIR, str(where / "metrics"))
-        master.settings = Settings.from_env()
+        master.settings = dataclasses.replace(settings, metrics_dir=where / "metrics")
 
 
 def _budget_threads(server: Arbiter, master: Master) -> None:

@@ -1,5 +1,5 @@
 """Open-loop load: requests arrive at a set rate whether or not the earlier ones were answered,
-as a public service's users do. A closed loop (loadtest/closedloop.py) waits for each answer, so
+as a public service's users do. A closed loop (harness/closedloop.py) waits for each answer, so
 it can never offer more than the server lets it: overload needs an open loop.
 
 Built on Debian's ``hey`` (``apt-get install hey``): ``-c C -q 1`` is C workers each sending one
@@ -23,7 +23,7 @@ Also ``measure_capacity`` (a closed-loop saturation run with ``wrk``) and ``reco
 (how long after the load until ``/healthz`` answers in time again). Targets are 127.0.0.1 only,
 every run is bounded, and only the processes started here are ever killed.
 
-    .venv/bin/python -m loadtest.openloop http://127.0.0.1:8000/heavy --rate 200 --duration 10
+    .venv/bin/python -m harness.openloop http://127.0.0.1:8000/heavy --rate 200 --duration 10
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import IO
 from urllib.parse import SplitResult, urlsplit
 
-from loadtest.closedloop import fetch, percentile
+from harness.closedloop import fetch, percentile
 
 LOOPBACK = "127.0.0.1"
 #: Bounds that keep a typo from turning into a machine-wide flood or an endless run.

@@ -7,11 +7,11 @@ no HTTP library, so the client spends as little as possible of the CPU the serve
 machine with few cores the client still competes with the server: ``Report.client_cpu_s`` says how
 much it took.
 
-    from loadtest.closedloop import ClosedLoop
+    from harness.closedloop import ClosedLoop
     report = ClosedLoop("http://127.0.0.1:8000", "/heavy", clients=4, duration=10).run()
     print(report.summary())
 
-Also a command: ``python -m loadtest.closedloop http://127.0.0.1:8000 --path /heavy``.
+Also a command: ``python -m harness.closedloop http://127.0.0.1:8000 --path /heavy``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from loadtest.cpu import usable_cores
+from harness.cpu import usable_cores
 
 #: Seconds a client waits after a request that got no answer before it sends the next.
 FAILURE_PAUSE = 0.01
