@@ -36,6 +36,12 @@ GUNICORN_GRACEFUL_TIMEOUT_DEFAULT = 30
 
 
 QUEUE_HPA_DIR = K8S_DIR / "queue-hpa"
+#: The Prometheus Operator's resources (PrometheusRule, ServiceMonitor), apart so that
+#: `kubectl apply -f deploy/k8s/` works on a cluster without the operator. They are CRDs, and
+#: kubernetes-validate ships schemas for built-in kinds only: they are checked field by field
+#: in test_monitoring_resources_have_the_operators_shape instead.
+MONITORING_DIR = K8S_DIR / "monitoring"
+OPERATOR_API = "monitoring.coreos.com/v1"
 
 
 def manifests(where: Path = K8S_DIR) -> list[tuple[str, dict]]:
@@ -191,6 +197,44 @@ def test_service_and_hpa_point_at_the_deployment():
     metrics = [m["resource"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
     assert metrics == ["cpu"]
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
+
+
+def test_monitoring_resources_have_the_operators_shape():
+    """The fields the operator's CRDs (v1) define and this kit uses, nothing else: a
+    ServiceMonitor that selects the Service and scrapes its named port's /metrics, and a
+    PrometheusRule whose every rule is a record or an alert with an expr (the rules themselves
+    are checked by promtool in tests/test_alerts.py)."""
+    docs = {doc["kind"]: doc for _, doc in manifests(MONITORING_DIR)}
+    assert docs.keys() == {"ServiceMonitor", "PrometheusRule"}
+    assert all(doc["apiVersion"] == OPERATOR_API for doc in docs.values())
+    for doc in docs.values():
+        assert doc.keys() == {"apiVersion", "kind", "metadata", "spec"}
+        assert doc["metadata"].keys() <= {"name", "namespace", "labels", "annotations"}
+    monitor = docs["ServiceMonitor"]["spec"]
+    service = by_kind("Service")
+    assert monitor.keys() <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint.keys() <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+    # The kit labels requests by `endpoint` (the route): the operator's own `endpoint` target
+    # label must go, or Prometheus renames the kit's and the alert rules' filters miss.
+    assert {"action": "labeldrop", "regex": "endpoint"} in endpoint["relabelings"]
+    assert '"endpoint"' in (REPO / "workers" / "flask_ext.py").read_text()
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert (
+        endpoint["path"]
+        == by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"][
+            "prometheus.io/path"
+        ]
+    )
+    assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
+    groups = docs["PrometheusRule"]["spec"]["groups"]
+    assert docs["PrometheusRule"]["spec"].keys() == {"groups"}
+    for group in groups:
+        assert group.keys() <= {"name", "interval", "rules"} and group["rules"]
+        for rule in group["rules"]:
+            assert rule.keys() <= {"record", "alert", "expr", "for", "labels", "annotations"}
+            assert ("record" in rule) != ("alert" in rule) and isinstance(rule["expr"], str)
 
 
 # --------------------------------------------------------------------------- Compose

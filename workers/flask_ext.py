@@ -33,6 +33,7 @@ from werkzeug.exceptions import HTTPException
 
 from workers import crashes
 from workers.gates import queue
+from workers.master.metrics import PoolCollector
 from workers.settings import Settings, worker_id
 
 log = logging.getLogger("gunicorn.error")
@@ -69,6 +70,7 @@ def _registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(queue.BacklogCollector())
+    registry.register(PoolCollector())
     return registry
 
 

@@ -114,7 +114,9 @@ def when_ready(server: Arbiter) -> None:
     fresh = not internals.is_reexec()  # a USR2 re-exec shares the old master's files
     try:
         _settle_run_dir(server, master, lock=fresh)
-        master.metrics = MasterMetrics.prepare(master.settings, server.num_workers, fresh=fresh)
+        master.metrics = MasterMetrics.prepare(
+            master.settings, server.num_workers, server.LISTENERS, fresh=fresh
+        )
     except SettingsError as exc:
         raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
     if fresh:
@@ -174,7 +176,7 @@ def pre_fork(server: Arbiter, worker: Any) -> None:
     member = master.roster.admit(master.members(server))
     worker.heavy = member
     if master.metrics:
-        master.metrics.worker_starting(len(server.WORKERS) + 1)
+        master.metrics.worker_starting(len(server.WORKERS) + 1, member.restart_delay)
     master.save_state(server)  # heavyctl's restart count includes this start
     # Set in the master just before the fork, so the child has its id from its first line of log.
     export(WORKER_ID, str(member.id))
