@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gunicorn.config import Backlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.server import GunicornServer, free_port, serving
@@ -453,8 +454,8 @@ def test_pool_metrics_match_the_kernel(server: GunicornServer) -> None:
         assert abs(rss - proc.memory_info().rss) < 0.2 * rss, (wid, rss)
         assert values[("heavyapp_worker_threads", str(wid))] == proc.num_threads()
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    gunicorn_backlog = 2048  # Gunicorn's default `backlog`; gunicorn_conf.py leaves it
-    assert values[("heavyapp_listen_backlog_limit", None)] == min(gunicorn_backlog, somaxconn)
+    backlog = Backlog.default  # gunicorn_conf.py leaves Gunicorn's `backlog` as it is
+    assert values[("heavyapp_listen_backlog_limit", None)] == min(backlog, somaxconn)
 
 
 @pytest.mark.server
