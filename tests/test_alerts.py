@@ -82,14 +82,14 @@ def alerts() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- promtool
 
 
-def test_promtool_checks_the_rules_and_the_config():
+def test_promtool_checks_the_rules_and_the_config() -> None:
     promtool = tool("promtool")
     for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)]):
         proc = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_promtool_unit_tests_pass():
+def test_promtool_unit_tests_pass() -> None:
     promtool = tool("promtool")
     proc = subprocess.run(
         [promtool, "test", "rules", *map(str, RULE_TESTS)],
@@ -101,7 +101,7 @@ def test_promtool_unit_tests_pass():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_promtool_unit_tests_can_fail(tmp_path):
+def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
     """The unit tests bite: with HeavyappWorkerCrashes' threshold raised past the test's four
     kills, promtool reports the missing alert."""
     promtool = tool("promtool")
@@ -172,7 +172,7 @@ def duration_seconds(text: str) -> float:
 
 
 @pytest.mark.parametrize("rule", alerts(), ids=lambda r: r["alert"])
-def test_alert_has_severity_for_summary_and_a_runbook_section(rule):
+def test_alert_has_severity_for_summary_and_a_runbook_section(rule: dict[str, Any]) -> None:
     assert rule["labels"]["severity"] in {"critical", "warning"}
     assert "for" in rule, "a `for:`, with its reason in a comment"
     duration_seconds(rule["for"])
@@ -183,7 +183,7 @@ def test_alert_has_severity_for_summary_and_a_runbook_section(rule):
     assert anchor == rule["alert"].lower() and anchor in github_anchors(OPERATING.read_text())
 
 
-def test_each_for_has_its_reason_in_a_comment():
+def test_each_for_has_its_reason_in_a_comment() -> None:
     """Right under each ``- alert:`` line, a comment opens with ``# for <its for>:``."""
     text = RULES.read_text()
     for rule in alerts():
@@ -191,7 +191,7 @@ def test_each_for_has_its_reason_in_a_comment():
         assert after.startswith(f"# for {rule['for']}:"), rule["alert"]
 
 
-def test_the_prometheus_rule_is_the_rules_file_as_is():
+def test_the_prometheus_rule_is_the_rules_file_as_is() -> None:
     """deploy/k8s/monitoring/prometheus-rule.yaml is rendered from the rules file, and its spec
     parses to the same groups (so kube-prometheus loads exactly what promtool tested)."""
     module = load_module(PROM_DIR / "prometheusrule.py", "prometheusrule")
@@ -253,7 +253,7 @@ def panel_queries(dashboard: dict) -> list[str]:
     return targets + variables
 
 
-def test_declarations_are_found():
+def test_declarations_are_found() -> None:
     """The scan sees the kit's families (or every name check below would pass vacuously)."""
     assert {"heavyapp_worker_exits", "heavyapp_http_request_duration_seconds"} <= KIT.keys()
     assert len(KIT) >= 8
@@ -268,7 +268,7 @@ def samples_of(families: dict[str, set[str]]) -> set[str]:
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])
-def test_every_name_queried_is_declared_by_the_kit(source):
+def test_every_name_queried_is_declared_by_the_kit(source: str) -> None:
     names = rule_names() if source == "rules" else dashboard_names()
     assert names, f"no heavyapp_ name found in the {source}"
     assert names - samples_of(KIT) == set(), (
@@ -302,7 +302,7 @@ def load_module(path: Path, name: str) -> Any:
     return module
 
 
-def test_dashboard_json_is_what_its_generator_builds():
+def test_dashboard_json_is_what_its_generator_builds() -> None:
     pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk (dev)")
     generator = load_module(DASHBOARD.with_name("dashboard.py"), "dashboard")
     assert generator.TARGET == DASHBOARD
@@ -311,7 +311,7 @@ def test_dashboard_json_is_what_its_generator_builds():
     )
 
 
-def test_dashboard_loads_and_has_the_panels_and_a_datasource_variable():
+def test_dashboard_loads_and_has_the_panels_and_a_datasource_variable() -> None:
     sdk = pytest.importorskip(
         "grafana_foundation_sdk.models.dashboard", reason="pip install grafana-foundation-sdk (dev)"
     )
@@ -459,7 +459,7 @@ def test_pool_metrics_match_the_kernel(server: GunicornServer) -> None:
 
 
 @pytest.mark.server
-def test_real_prometheus_fires_the_worker_death_alert_and_nothing_when_idle(tmp_path):
+def test_real_prometheus_fires_the_worker_death_alert_and_nothing_when_idle(tmp_path: Path) -> None:
     binary = tool("prometheus")
     server = GunicornServer(workers=2, env={"HEAVYAPP_QUEUE_TIMEOUT": "0.05"})
     with serving(server):

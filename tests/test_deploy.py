@@ -199,7 +199,7 @@ def test_service_and_hpa_point_at_the_deployment():
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
 
 
-def test_monitoring_resources_have_the_operators_shape():
+def test_monitoring_resources_have_the_operators_shape() -> None:
     """The fields the operator's CRDs (v1) define and this kit uses, nothing else: a
     ServiceMonitor that selects the Service and scrapes its named port's /metrics, and a
     PrometheusRule whose every rule is a record or an alert with an expr (the rules themselves
