@@ -36,7 +36,8 @@ import pytest
 from gunicorn.config import Backlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.server import GunicornServer, free_port, serving
+from harness.process import ChildServer, free_port
+from harness.server import GunicornServer, serving
 from helpers import poll_until, unavailable
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
@@ -341,13 +342,19 @@ def test_dashboard_loads_and_has_the_panels_and_a_datasource_variable() -> None:
 # --------------------------------------------------------------------------- a real Prometheus
 
 
-class Prometheus:
-    """Debian's ``prometheus`` on 127.0.0.1, its own TSDB, stopped by pid."""
+class PrometheusError(RuntimeError):
+    """Prometheus did not start (its log's tail in the message)."""
+
+
+class Prometheus(ChildServer):
+    """Debian's ``prometheus`` on 127.0.0.1, its own TSDB in ``workdir``, stopped by pid."""
+
+    Error = PrometheusError
+    what = "prometheus"
+    stop_timeout = 15.0
 
     def __init__(self, binary: str, workdir: Path, target: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
+        super().__init__(free_port(), workdir, workdir / "prometheus.log")
         config = yaml.safe_load(PROM_CONFIG.read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(RULES)]
@@ -360,28 +367,16 @@ class Prometheus:
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
         ]
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Prometheus:
-        log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        poll_until(
-            lambda: self.get("/-/ready", raw=True), 30, "Prometheus ready", ignore=(OSError,)
-        )
+        self.launch(self.command, cwd=self.directory, env=None, timeout=30, give_up=signal.SIGKILL)
         return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log(self) -> str:
-        return (self.workdir / "prometheus.log").read_text(errors="replace")[-3000:]
+    def ready(self) -> bool:
+        try:
+            return bool(self.get("/-/ready", raw=True))
+        except OSError:
+            return False
 
     def get(self, path: str, raw: bool = False) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=5) as resp:
@@ -489,7 +484,7 @@ def test_real_prometheus_fires_the_worker_death_alert_and_nothing_when_idle(tmp_
                 for r in g["rules"]
                 if r["health"] != "ok"
             ]
-            assert broken == [], f"rules that fail to evaluate: {broken}\n{prom.log()}"
+            assert broken == [], f"rules that fail to evaluate: {broken}\n{prom.tail()}"
             assert prom.alerts() == [], "an idle server fires nothing"
             idle_names = scrape_names(server)
 
