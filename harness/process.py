@@ -1,6 +1,6 @@
 """A server the harness runs as its own child on a 127.0.0.1 port: started, waited for until it
 answers, and stopped by the pid it was started with, never by name. ``GunicornServer`` and
-``NginxFront`` are the two."""
+``NginxFront`` are built on it, and tests/test_alerts.py's Prometheus."""
 
 from __future__ import annotations
 

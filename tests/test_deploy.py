@@ -199,7 +199,7 @@ def test_service_and_hpa_point_at_the_deployment():
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
 
 
-def test_monitoring_resources_have_the_operators_shape():
+def test_monitoring_resources_have_the_operators_shape() -> None:
     """The fields the operator's CRDs (v1) define and this kit uses, nothing else: a
     ServiceMonitor that selects the Service and scrapes its named port's /metrics, and a
     PrometheusRule whose every rule is a record or an alert with an expr (the rules themselves
@@ -264,6 +264,24 @@ def test_compose_bench_has_app_locust_master_and_workers():
     for cmd in (master, worker):
         locustfile = cmd[cmd.index("-f") + 1]
         assert (REPO / locustfile).exists(), f"{locustfile} should be at the top of the repo"
+
+
+def test_compose_monitoring_profile_runs_prometheus_with_the_shipped_rules() -> None:
+    """The optional Prometheus (``--profile monitoring``) reads deploy/prometheus/ as its
+    /etc/prometheus, where the image looks for prometheus.yml, which loads the alert rules and
+    scrapes the app service at the port it listens on; it publishes on loopback only."""
+    services = compose()["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"], "optional: the bench runs without it"
+    (volume,) = prometheus["volumes"]
+    assert volume == "./prometheus:/etc/prometheus:ro"
+    assert "command" not in prometheus, "the image's own --config.file=/etc/prometheus/..."
+    config = yaml.safe_load((COMPOSE.parent / "prometheus" / "prometheus.yml").read_text())
+    assert all((COMPOSE.parent / "prometheus" / f).exists() for f in config["rule_files"])
+    (job,) = config["scrape_configs"]
+    app_port = services["app"]["ports"][0].rsplit(":", 1)[1]
+    assert job["static_configs"] == [{"targets": [f"app:{app_port}"]}]
+    assert all(p.startswith("127.0.0.1:") for p in prometheus["ports"]), "loopback only"
 
 
 def compose_cli() -> list[str] | None:

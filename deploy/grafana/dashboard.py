@@ -97,8 +97,9 @@ PANELS = [
     panel(
         "5xx and refused share",
         "percentunit",
-        "The availability objective's errors: 5xx answers, and requests a gate refused or dropped, "
-        "of all offered (the error-budget alerts watch this).",
+        "The availability objective's errors: 5xx answers as a share of the app's answers, and "
+        "requests a gate refused or dropped as a share of all offered (the error-budget alerts "
+        "watch their sum).",
         (
             f'sum by (instance) (rate(heavyapp_http_requests_total{{{TRAFFIC}, status=~"5.."}}'
             f"[{RATE}])) / (sum by (instance) (rate(heavyapp_http_requests_total{{{TRAFFIC}}}"

@@ -66,10 +66,12 @@ class MasterMetrics:
             "Worker count the master is keeping (scaled by heavyctl, TTIN/TTOU).",
             multiprocess_mode="livesum",
         )
+        # livemax: the limit is the shared socket's, so during a USR2 re-exec both masters
+        # report the same one; a sum would double it and halve the accept-queue alert's ratio.
         self.backlog_limit = Gauge(
             "heavyapp_listen_backlog_limit",
             "Connections the accept queue holds before the kernel drops new ones (TCP_INFO).",
-            multiprocess_mode="livesum",
+            multiprocess_mode="livemax",
         )
 
     @classmethod
