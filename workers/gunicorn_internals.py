@@ -85,6 +85,17 @@ def move_control_socket(arbiter: gunicorn.arbiter.Arbiter, path: str) -> None:
     arbiter.cfg.set("control_socket", path)
 
 
+def stop_gracefully_with(arbiter: gunicorn.arbiter.Arbiter, stop: Callable[[], None]) -> None:
+    """Make ``stop`` the master's SIGTERM handler (it ends by raising ``StopIteration``, as
+    Gunicorn's own ``handle_term`` does, so the main loop halts and exits 0).
+
+    Gunicorn's SIGTERM closes the listeners before the workers go (``Arbiter.stop``), which
+    resets the accept queue; no setting or hook runs before that. The main loop finds the
+    handler by name (``getattr(self, "handle_term")``), so it is set on this arbiter only.
+    """
+    arbiter.handle_term = stop
+
+
 def is_reexec() -> bool:
     """Is this master the child of a USR2 re-exec? Gunicorn exports the old master's pid then."""
     return "GUNICORN_PID" in os.environ

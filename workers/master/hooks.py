@@ -24,6 +24,7 @@ from gunicorn.arbiter import Arbiter
 from workers import crashes
 from workers import gunicorn_internals as internals
 from workers.master import rundir
+from workers.master.drain import Drain
 from workers.master.metrics import MasterMetrics
 from workers.master.roster import Backoff, Death, Member, Roster
 from workers.master.sizing import cpu_budget
@@ -92,6 +93,7 @@ class Master:
 def on_starting(server: Arbiter) -> None:
     master = Master.of(server)
     internals.record_exit_statuses(server)
+    internals.stop_gracefully_with(server, lambda: graceful_stop(server))
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
@@ -110,6 +112,7 @@ def when_ready(server: Arbiter) -> None:
     master = Master.of(server)
     fresh = not internals.is_reexec()  # a USR2 re-exec shares the old master's files
     try:
+        _check_drain(server, master.settings)
         _settle_run_dir(server, master, lock=fresh)
         master.metrics = MasterMetrics.prepare(master.settings, server.num_workers, fresh=fresh)
     except SettingsError as exc:
@@ -118,6 +121,26 @@ def when_ready(server: Arbiter) -> None:
         lastwords.prepare(master.settings.run_dir())
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
+
+
+def _check_drain(server: Arbiter, settings: Settings) -> None:
+    """The drain window against the graceful timeout Gunicorn really uses (a flag may set it)."""
+    if settings.drain_seconds >= server.cfg.graceful_timeout:
+        raise SettingsError(
+            f"HEAVYAPP_DRAIN_SECONDS={settings.drain_seconds:g} must be below the graceful "
+            f"timeout ({server.cfg.graceful_timeout}s), which bounds the whole stop"
+        )
+
+
+def graceful_stop(server: Arbiter) -> None:
+    """SIGTERM: drain (``workers/master/drain.py``), then halt as Gunicorn does (exit 0)."""
+    master = Master.of(server)
+
+    def requests_taken() -> int:
+        return sum(m.board.read().requests for m in master.members(server).values())
+
+    Drain(server, master.settings.drain_seconds, master.settings.run_dir(), requests_taken).run()
+    raise StopIteration
 
 
 def _bound_address(server: Arbiter) -> str:
