@@ -1,0 +1,185 @@
+"""Stop, upgrade, reload: nothing lost that was already accepted, against real masters and signals.
+
+The drain (``workers/master/drain.py``): SIGTERM with a queue, the drain window with ``/readyz``,
+the quick stops, bad settings; stock Gunicorn beside the kit, so each count can fail.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+from harness.lifecycle import Clients
+from harness.server import GunicornServer, ServerError, free_port, serving
+from helpers import poll_until
+from workers.shared import door
+
+Start = Callable[..., GunicornServer]
+HEAVY = "/heavy?n=1000000"  # ~40 ms of CPU on this machine: 12 clients keep 10 in the queue
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def listening(port: int) -> bool:
+    """Is anything in LISTEN on 127.0.0.1:``port``? (/proc, so asking opens no connection.)"""
+    needle = f"0100007F:{port:04X} 00000000:0000 0A"
+    return any(needle in line for line in Path("/proc/net/tcp").read_text().splitlines())
+
+
+class ListenerWatch:
+    """Notes when ``port`` stops listening (to 10 ms), from a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.closed_at: float | None = None
+        self._port = port
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not listening(self._port):
+                self.closed_at = time.time()
+                return
+            time.sleep(0.01)
+
+
+def stock(port: int) -> GunicornServer:
+    """Stock Gunicorn, 2 sync workers, the same app: the peer beside the kit."""
+    server = GunicornServer(workers=2, port=port)
+    server.command = [GUNICORN, "-w", "2", "-b", f"127.0.0.1:{server.port}", "heavyapp:app"]
+    return server
+
+
+def sigterm_with_a_queue(server: GunicornServer) -> tuple[int | None, float, Clients, float]:
+    """12 clients back to back on 2 workers, then SIGTERM: (exit code, seconds to exit,
+    the clients, when the listener closed)."""
+    clients = Clients(server.port, HEAVY, 12).start()
+    poll_until(lambda: clients.tally.answered >= 24, 30, "the clients being served")
+    watch = ListenerWatch(server.port)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(40)
+    took = time.monotonic() - sent
+    clients.join(30)
+    poll_until(lambda: watch.closed_at, 5, "the listener closed")
+    return code, took, clients, watch.closed_at
+
+
+def test_sigterm_serves_every_queued_connection_and_exits_0() -> None:
+    with serving(GunicornServer(workers=2)) as server:
+        code, took, clients, closed_at = sigterm_with_a_queue(server)
+        log = server.log_text()
+    tally = clients.tally
+    assert tally.lost == [], tally.summary()
+    assert code == 0 and took < 30, (code, took)
+    assert tally.timed_out == 0 and len(tally.refused) == 12, tally.summary()
+    assert min(tally.refused) >= closed_at, "a refusal before the listener closed"
+    assert set(tally.headers) == {"connection: close"}
+    assert "reuse_port=False" in log, "the default this test measures"
+    waiting = int(log.split("Drained the accept queue: ")[1].split(" were waiting")[0])
+    assert waiting >= 8, log  # 10 of the 12 wait while 2 are served
+    assert "Drain done in" in log and "Shutting down: Master" in log
+
+
+def test_stock_gunicorn_resets_the_same_queue() -> None:
+    """The same stop of stock Gunicorn: the queue is reset, and refusals start at once."""
+    with serving(stock(free_port())) as server:
+        code, _, clients, _ = sigterm_with_a_queue(server)
+    assert code == 0
+    assert len(clients.tally.lost) >= 8, clients.tally.summary()
+
+
+def test_the_drain_window_keeps_serving_unready(start_server: Start) -> None:
+    """During ``HEAVYAPP_DRAIN_SECONDS``: /readyz 503 in JSON at once, /healthz 200, new
+    connections served; then the stop completes with exit 0 inside the graceful timeout."""
+    server = start_server(workers=2, env={"HEAVYAPP_DRAIN_SECONDS": "2", "GRACEFUL_TIMEOUT": "6"})
+    assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log("Draining: /readyz answers 503")
+    ready = requests.get(f"{server.url}/readyz", timeout=10)
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    heavy = requests.get(f"{server.url}/heavy?n=1000", timeout=10)
+    assert heavy.status_code == 200 and heavy.headers["Connection"] == "close"
+    assert time.monotonic() - sent < 2, "all of that inside the window"
+    assert server.stop() == 0
+    assert 2 <= time.monotonic() - sent < 6
+    assert "listeners closed to new connections, 0 waiting" in server.log_text()
+
+
+@pytest.mark.parametrize("quick", [signal.SIGINT, signal.SIGQUIT])
+def test_sigint_and_sigquit_still_stop_at_once(start_server: Start, quick: int) -> None:
+    """Also in the middle of a drain window: the quick stop keeps its meaning."""
+    server = start_server(workers=2, env={"HEAVYAPP_DRAIN_SECONDS": "20"})
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log("Draining: /readyz answers 503")
+    sent = time.monotonic()
+    assert server.stop(quick) == 0
+    assert time.monotonic() - sent < 5
+    assert "Quick shutdown requested during the drain" in server.log_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "says"),
+    [
+        ({"HEAVYAPP_DRAIN_SECONDS": "-1"}, [], "HEAVYAPP_DRAIN_SECONDS must be zero or a positive"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "soon"}, [], "HEAVYAPP_DRAIN_SECONDS must be a number"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "30"}, [], "HEAVYAPP_DRAIN_SECONDS=30 must be below"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "5"}, ["--graceful-timeout", "3"], "must be below the grace"),
+    ],
+)
+def test_a_bad_drain_window_refuses_to_start(env: dict, args: list, says: str) -> None:
+    server = GunicornServer(workers=1, env=env, args=args)
+    try:
+        with pytest.raises(ServerError, match="server exited"):
+            server.start(timeout=20)
+        assert says in server.log_text() and "refusing to start" in server.log_text()
+    finally:
+        server.cleanup()
+
+
+def test_the_door_keeps_the_queue_and_stops_new_handshakes() -> None:
+    """The kernel part alone: queued connections are served, a new one is not let in, and
+    opening the door again lets the next one in at once."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = listener.getsockname()
+        queued = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        for n, client in enumerate(queued):
+            client.sendall(b"%d" % n)
+        assert door.close([listener]) == [listener]
+        late = socket.socket()
+        late.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            late.connect(address)
+        late.close()
+        for _ in queued:
+            conn, _ = listener.accept()
+            conn.sendall(conn.recv(1))
+            conn.close()
+        assert [c.recv(1) for c in queued] == [b"0", b"1", b"2"]
+        door.open_([listener])
+        with socket.create_connection(address, timeout=0.5):
+            pass
+        for client in queued:
+            client.close()
+
+
+def test_the_door_passes_unix_sockets_by() -> None:
+    with socket.socket(socket.AF_UNIX) as unix:
+        assert door.close([unix]) == []
+
+
+def test_readyz_is_ready_outside_a_drain(server: GunicornServer) -> None:
+    assert requests.get(f"{server.url}/readyz", timeout=10).json() == {"status": "ready"}
+    assert not list(server.run_dir.glob("draining-*"))
