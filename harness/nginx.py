@@ -228,7 +228,8 @@ class NginxFront:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def access_log(self) -> str:
-        path = self.tmp / "access.log"
+        """The shipped file logs each request to /dev/stdout: nginx's stdout, kept here."""
+        path = self.tmp / "stdout.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def log_tail(self, lines: int = 30) -> str:

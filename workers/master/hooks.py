@@ -261,7 +261,9 @@ def child_exit(server: Arbiter, worker: Any) -> None:
     )
     _log_death(server, death, words, fault)
     if master.metrics:
-        master.metrics.worker_left(worker.pid, death.cause, len(server.WORKERS))
+        master.metrics.worker_left(
+            worker.pid, death.cause, len(server.WORKERS), death.request or ""
+        )
     if not death.planned:
         crashes.record(_crash_entry(death, words, fault), master.settings.crash_log_path())
     master.save_state(server)
