@@ -156,3 +156,12 @@ def test_the_main_loop_finds_sigterms_handler_by_name_and_halts_on_stop_iteratio
         arbiter.Arbiter.wait_for_signals
     )
     assert "self.reexec_pid = 0" in source(arbiter.Arbiter.reap_workers)
+
+
+def test_the_control_socket_server_unlinks_its_path_on_stop() -> None:
+    """``keep_control_socket_file`` empties ``socket_path`` so ``stop`` removes nothing."""
+    from gunicorn.ctl.server import ControlSocketServer
+
+    assert "os.unlink(self.socket_path)" in source(ControlSocketServer.stop)
+    assert "os.path.exists(self.socket_path)" in source(ControlSocketServer.stop)
+    assert "self._control_server = None" in source(arbiter.Arbiter._stop_control_server)

@@ -6,14 +6,19 @@ the quick stops, bad settings; stock Gunicorn beside the kit, so each count can 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -25,6 +30,7 @@ from workers.shared import door
 Start = Callable[..., GunicornServer]
 HEAVY = "/heavy?n=1000000"  # ~40 ms of CPU on this machine: 12 clients keep 10 in the queue
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))
 
 
 def listening(port: int) -> bool:
@@ -183,3 +189,110 @@ def test_the_door_passes_unix_sockets_by() -> None:
 def test_readyz_is_ready_outside_a_drain(server: GunicornServer) -> None:
     assert requests.get(f"{server.url}/readyz", timeout=10).json() == {"status": "ready"}
     assert not list(server.run_dir.glob("draining-*"))
+
+
+# --------------------------------------------------------------------------- new code: USR2, HUP
+
+VERSIONED_APP = '''\
+"""The example app, answering with the version of this file it was loaded from."""
+from heavyapp import create_app
+
+VERSION = "{version}"
+app = create_app()
+
+
+@app.after_request
+def _version(response):
+    response.headers["X-Code-Version"] = VERSION
+    return response
+'''
+
+
+def versioned_server(tmp_path: Path, preload: str) -> GunicornServer:
+    """The kit serving ``lifeapp:app`` from ``tmp_path``, whose code the test rewrites."""
+    (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="1"))
+    server = GunicornServer(workers=2, env={"HEAVYAPP_PRELOAD": preload})
+    server.command = [
+        GUNICORN, "-c", "gunicorn_conf.py", "--pythonpath", str(tmp_path), "lifeapp:app"
+    ]  # fmt: skip
+    return server
+
+
+def versions(port: int, count: int = 6) -> set[str]:
+    return {
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).headers["X-Code-Version"]
+        for _ in range(count)
+    }
+
+
+def stop_by_pid(pid: int) -> None:
+    """SIGTERM a master this test started (indirectly, by USR2), and wait until it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    poll_until(lambda: not psutil.pid_exists(pid), 40, f"master pid={pid} gone")
+
+
+@pytest.mark.parametrize("preload", ["0", "1"])
+def test_heavyctl_upgrade_under_load_fails_nothing_and_serves_the_new_code(
+    tmp_path: Path, preload: str
+) -> None:
+    server = versioned_server(tmp_path, preload)
+    new_master = None
+    try:
+        server.start()
+        assert versions(server.port) == {"1"}
+        (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="2"))
+        clients = Clients(server.port, "/heavy?n=200000", 4, until_refused=False).start()
+        poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
+        done = subprocess.run(
+            [HEAVYCTL, "upgrade", "--json"],
+            env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert done.returncode == 0, done.stderr
+        upgraded = json.loads(done.stdout)
+        new_master = upgraded["new_master"]
+        goal = clients.tally.answered + 8
+        poll_until(lambda: clients.tally.answered >= goal, 30, "served after the upgrade")
+        tally = clients.stop()
+        assert server.proc.wait(5) == 0, "the old master exited 0"
+        assert tally.lost == [] and tally.timed_out == 0 and tally.refused == [], tally.summary()
+        assert set(tally.statuses) == {200}, tally.summary()
+        assert versions(server.port) == {"2"}, "the new code serves"
+        assert upgraded["old_master"] == server.master_pid and new_master != server.master_pid
+        assert "the listening socket outlives this master" in server.log_text()
+        status = subprocess.run(
+            [HEAVYCTL, "status", "--json"],
+            env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert json.loads(status.stdout)["master"]["pid"] == new_master, "its socket was kept"
+    finally:
+        if new_master:
+            stop_by_pid(new_master)
+        server.cleanup()
+
+
+@pytest.mark.parametrize(("preload", "serves"), [("0", "2"), ("1", "1")])
+def test_a_hup_under_load_fails_nothing_and_says_when_it_cannot_load_new_code(
+    tmp_path: Path, preload: str, serves: str
+) -> None:
+    with serving(versioned_server(tmp_path, preload)) as server:
+        (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="2"))
+        clients = Clients(server.port, "/heavy?n=200000", 4, until_refused=False).start()
+        poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
+        before = set(server.worker_pids())
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_workers(2, timeout=30, exclude=before)
+        goal = clients.tally.answered + 8
+        poll_until(lambda: clients.tally.answered >= goal, 30, "served after the reload")
+        tally = clients.stop()
+        assert tally.lost == [] and tally.timed_out == 0 and tally.refused == [], tally.summary()
+        assert set(tally.statuses) == {200}, tally.summary()
+        assert versions(server.port) == {serves}
+        warned = "the new workers run the code loaded at start" in server.log_text()
+        assert warned == (preload == "1")

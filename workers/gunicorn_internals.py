@@ -96,6 +96,20 @@ def stop_gracefully_with(arbiter: gunicorn.arbiter.Arbiter, stop: Callable[[], N
     arbiter.handle_term = stop
 
 
+def keep_control_socket_file(arbiter: gunicorn.arbiter.Arbiter) -> None:
+    """Stop this master's control socket server without removing the socket file.
+
+    After a USR2 re-exec both masters were configured with the same path, and the newer one
+    bound it last; Gunicorn's ``ControlSocketServer.stop`` unlinks ``socket_path`` whatever is
+    there, which would leave the surviving master unreachable by heavyctl. An empty path makes
+    both of its unlinks no-ops (``os.path.exists("")`` is False).
+    """
+    control = arbiter._control_server
+    if control is not None:
+        control.socket_path = ""
+        arbiter._stop_control_server()
+
+
 def is_reexec() -> bool:
     """Is this master the child of a USR2 re-exec? Gunicorn exports the old master's pid then."""
     return "GUNICORN_PID" in os.environ

@@ -68,6 +68,7 @@ class Drain:
                     "queue; retiring the workers",
                     keeper,
                 )
+                internals.keep_control_socket_file(self.server)  # the other master's now
             else:
                 self.unready()
                 self.serve_queue()

@@ -184,6 +184,12 @@ def on_reload(server: Arbiter) -> None:
         "reload: generation %d starting, the old workers finish their requests",
         master.roster.generation,
     )
+    if server.cfg.preload_app:
+        server.log.warning(
+            "reload: the app was preloaded in the master (HEAVYAPP_PRELOAD=1), so the new "
+            "workers run the code loaded at start; only the configuration is read again. To "
+            "load new code: heavyctl upgrade (USR2) or a restart"
+        )
 
 
 def pre_fork(server: Arbiter, worker: Any) -> None:
