@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,10 +22,12 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 from harness.lifecycle import Clients
-from harness.server import GunicornServer, ServerError, free_port, serving
+from harness.server import REPO, GunicornServer, ServerError, free_port, serving
 from helpers import poll_until
+from workers.settings import Settings
 from workers.shared import door
 
 Start = Callable[..., GunicornServer]
@@ -296,3 +299,89 @@ def test_a_hup_under_load_fails_nothing_and_says_when_it_cannot_load_new_code(
         assert versions(server.port) == {serves}
         warned = "the new workers run the code loaded at start" in server.log_text()
         assert warned == (preload == "1")
+
+
+# --------------------------------------------------------------------------- the numbers agree
+
+DEPLOYMENT_MD = REPO / "docs" / "deployment.md"
+MARGIN = 5  # seconds the orchestrator leaves the master to exit after GRACEFUL_TIMEOUT
+
+
+def seconds(value: object) -> float:
+    """``35``, ``"35"`` or ``"35s"`` as seconds."""
+    return float(str(value).removesuffix("s"))
+
+
+def k8s_numbers() -> dict[str, float]:
+    docs = yaml.safe_load_all((REPO / "deploy" / "k8s" / "deployment.yaml").read_text())
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "heavyapp"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    if "exec" in pre_stop:
+        assert pre_stop["exec"]["command"][0] == "sleep", "a preStop that is not a sleep"
+        pre = seconds(pre_stop["exec"]["command"][1])
+    else:
+        pre = seconds(pre_stop.get("sleep", {}).get("seconds", 0))
+    return numbers(env, pre, pod["terminationGracePeriodSeconds"])
+
+
+def compose_numbers() -> dict[str, float]:
+    app = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())["services"]["app"]
+    return numbers(app.get("environment", {}), 0, app["stop_grace_period"])
+
+
+def systemd_numbers() -> dict[str, float]:
+    text = (REPO / "deploy" / "systemd" / "heavyapp.service").read_text()
+    env = dict(re.findall(r"^Environment=(\w+)=(\S+)$", text, re.MULTILINE))
+    return numbers(env, 0, re.search(r"^TimeoutStopSec=(\d+)$", text, re.MULTILINE).group(1))
+
+
+def numbers(env: dict, pre_stop: float, grace: object) -> dict[str, float]:
+    """A shipped file's stop numbers, the kit's defaults where it sets none."""
+    settings = Settings.from_env({k: str(v) for k, v in env.items()})
+    return {
+        "drain": settings.drain_seconds,
+        "graceful": settings.graceful_timeout,
+        "pre_stop": pre_stop,
+        "grace": seconds(grace),
+    }
+
+
+def documented() -> dict[str, dict[str, float]]:
+    """The table between ``<!-- stop-numbers -->`` markers in docs/deployment.md."""
+    text = DEPLOYMENT_MD.read_text()
+    table = text.split("<!-- stop-numbers -->")[1].split("<!-- /stop-numbers -->")[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+        rows[cells[0]] = {
+            "drain": float(cells[1]),
+            "graceful": float(cells[2]),
+            "pre_stop": float(cells[3]),
+            "grace": seconds(re.split(r"[:=] ?", cells[4])[-1]),
+        }
+    return rows
+
+
+SHIPPED = {
+    "deploy/k8s/deployment.yaml": k8s_numbers,
+    "deploy/compose.yaml": compose_numbers,
+    "deploy/systemd/heavyapp.service": systemd_numbers,
+}
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED))
+def test_the_shipped_stop_numbers_agree(path: str) -> None:
+    """Drain window < GRACEFUL_TIMEOUT < grace period - preStop - margin, and the docs say so."""
+    found = SHIPPED[path]()
+    assert found["drain"] < found["graceful"], found
+    assert found["grace"] >= found["pre_stop"] + found["graceful"] + MARGIN, found
+    assert documented()[path] == found, f"docs/deployment.md's table disagrees with {path}"
+
+
+def test_the_numbers_check_can_fail() -> None:
+    """A grace period shorter than GRACEFUL_TIMEOUT plus a preStop is caught."""
+    short = numbers({"GRACEFUL_TIMEOUT": "30"}, 5, "34s")
+    assert not short["grace"] >= short["pre_stop"] + short["graceful"] + MARGIN
+    assert set(documented()) == set(SHIPPED), "one row per shipped file"
