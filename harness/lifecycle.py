@@ -44,7 +44,8 @@ class Tally:
 
 class Clients:
     """``count`` threads, each sending ``method path`` on a fresh connection to ``port``, back to
-    back, until ``stop()``, ``seconds`` elapsed, or (with ``until_refused``) a refusal."""
+    back (or one every ``pace`` seconds: load below capacity), until ``stop()``, ``seconds``
+    elapsed, or (with ``until_refused``) a refusal."""
 
     def __init__(
         self,
@@ -56,12 +57,14 @@ class Clients:
         seconds: float = 60.0,
         until_refused: bool = True,
         timeout: float = 10.0,
+        pace: float = 0.0,
     ) -> None:
         self.port, self.path, self.method = port, path, method
         self.count = count
         self.deadline = time.monotonic() + seconds
         self.until_refused = until_refused
         self.timeout = timeout
+        self.pace = pace
         self.tally = Tally()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(count)]
@@ -84,8 +87,10 @@ class Clients:
 
     def _loop(self) -> None:
         while not self._stop.is_set() and time.monotonic() < self.deadline:
+            began = time.monotonic()
             if self._one() == "refused" and self.until_refused:
                 return
+            self._stop.wait(max(0.0, self.pace - (time.monotonic() - began)))
 
     def _one(self) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
