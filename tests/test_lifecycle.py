@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -234,6 +235,35 @@ def versions(port: int, count: int = 6) -> set[str]:
     }
 
 
+def heavyctl(server: GunicornServer, *args: str) -> Any:
+    """``heavyctl ARGS --json`` for ``server``: its JSON answer (a non-zero exit fails)."""
+    done = subprocess.run(
+        [HEAVYCTL, *args, "--json"],
+        env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def loaded(server: GunicornServer) -> Clients:
+    """4 clients back to back on ``/heavy`` (2 waiting), once they are being served."""
+    clients = Clients(server.port, "/heavy?n=200000", 4, until_refused=False).start()
+    poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
+    return clients
+
+
+def nothing_failed(clients: Clients) -> None:
+    """Let 8 more requests be answered, stop the clients: every request got its 200."""
+    goal = clients.tally.answered + 8
+    poll_until(lambda: clients.tally.answered >= goal, 30, "requests served after it")
+    tally = clients.stop()
+    assert tally.lost == [] and tally.timed_out == 0 and tally.refused == [], tally.summary()
+    assert set(tally.statuses) == {200}, tally.summary()
+
+
 def stop_by_pid(pid: int) -> None:
     """SIGTERM a master this test started (indirectly, by USR2), and wait until it is gone."""
     with contextlib.suppress(ProcessLookupError):
@@ -251,35 +281,16 @@ def test_heavyctl_upgrade_under_load_fails_nothing_and_serves_the_new_code(
         server.start()
         assert versions(server.port) == {"1"}
         (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="2"))
-        clients = Clients(server.port, "/heavy?n=200000", 4, until_refused=False).start()
-        poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
-        done = subprocess.run(
-            [HEAVYCTL, "upgrade", "--json"],
-            env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert done.returncode == 0, done.stderr
-        upgraded = json.loads(done.stdout)
+        clients = loaded(server)
+        upgraded = heavyctl(server, "upgrade")
         new_master = upgraded["new_master"]
-        goal = clients.tally.answered + 8
-        poll_until(lambda: clients.tally.answered >= goal, 30, "served after the upgrade")
-        tally = clients.stop()
+        nothing_failed(clients)
         assert server.proc.wait(5) == 0, "the old master exited 0"
-        assert tally.lost == [] and tally.timed_out == 0 and tally.refused == [], tally.summary()
-        assert set(tally.statuses) == {200}, tally.summary()
         assert versions(server.port) == {"2"}, "the new code serves"
         assert upgraded["old_master"] == server.master_pid and new_master != server.master_pid
         assert "the listening socket outlives this master" in server.log_text()
-        status = subprocess.run(
-            [HEAVYCTL, "status", "--json"],
-            env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert json.loads(status.stdout)["master"]["pid"] == new_master, "its socket was kept"
+        status = heavyctl(server, "status")
+        assert status["master"]["pid"] == new_master, "its control socket was kept"
     finally:
         if new_master:
             stop_by_pid(new_master)
@@ -292,16 +303,11 @@ def test_a_hup_under_load_fails_nothing_and_says_when_it_cannot_load_new_code(
 ) -> None:
     with serving(versioned_server(tmp_path, preload)) as server:
         (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="2"))
-        clients = Clients(server.port, "/heavy?n=200000", 4, until_refused=False).start()
-        poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
+        clients = loaded(server)
         before = set(server.worker_pids())
         server.proc.send_signal(signal.SIGHUP)
         server.wait_for_workers(2, timeout=30, exclude=before)
-        goal = clients.tally.answered + 8
-        poll_until(lambda: clients.tally.answered >= goal, 30, "served after the reload")
-        tally = clients.stop()
-        assert tally.lost == [] and tally.timed_out == 0 and tally.refused == [], tally.summary()
-        assert set(tally.statuses) == {200}, tally.summary()
+        nothing_failed(clients)
         assert versions(server.port) == {serves}
         warned = "the new workers run the code loaded at start" in server.log_text()
         assert warned == (preload == "1")
