@@ -297,6 +297,25 @@ def test_heavyctl_upgrade_under_load_fails_nothing_and_serves_the_new_code(
         server.cleanup()
 
 
+def test_an_upgrade_to_code_that_does_not_load_leaves_the_old_master_serving(
+    tmp_path: Path,
+) -> None:
+    with serving(versioned_server(tmp_path, "1")) as server:
+        (tmp_path / "lifeapp.py").write_text("this is not python\n")
+        done = subprocess.run(
+            [HEAVYCTL, "upgrade", "--timeout", "30"],
+            env={**os.environ, "HEAVYAPP_RUN_DIR": str(server.run_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert "exited before its workers were up" in done.stderr, done.stderr
+        assert f"the old master pid={server.master_pid} keeps serving" in done.stderr
+        assert versions(server.port) == {"1"}
+        assert heavyctl(server, "status")["master"]["pid"] == server.master_pid
+
+
 @pytest.mark.parametrize(("preload", "serves"), [("0", "2"), ("1", "1")])
 def test_a_hup_under_load_fails_nothing_and_says_when_it_cannot_load_new_code(
     tmp_path: Path, preload: str, serves: str

@@ -81,10 +81,14 @@ class Drain:
             draining.withdraw(self.run_dir, self.server.pid)
 
     def unready(self) -> None:
+        window = (
+            f"serving new connections for {self.window:g}s, then the accept queue"
+            if self.window
+            else "serving the accept queue"
+        )
         self.log.info(
-            "Draining: /readyz answers 503 from now on; serving new connections for %gs, then "
-            "the accept queue, all within GRACEFUL_TIMEOUT=%ds",
-            self.window,
+            "Draining: /readyz answers 503 from now on; %s, all within GRACEFUL_TIMEOUT=%ds",
+            window,
             self.server.cfg.graceful_timeout,
         )
         self.tend(until=self.began + self.window)

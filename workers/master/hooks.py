@@ -29,7 +29,7 @@ from workers.master.metrics import MasterMetrics
 from workers.master.roster import Backoff, Death, Member, Roster
 from workers.master.sizing import cpu_budget
 from workers.settings import METRICS_DIR, RUN_DIR, WORKER_ID, Settings, SettingsError, export
-from workers.shared import lastwords, threads, titles
+from workers.shared import draining, lastwords, threads, titles
 from workers.shared.exits import ExitCause
 
 #: Settings shown in the one-line effective configuration at start.
@@ -119,6 +119,7 @@ def when_ready(server: Arbiter) -> None:
         raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
     if fresh:
         lastwords.prepare(master.settings.run_dir())
+        draining.clear(master.settings.run_dir())
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
 

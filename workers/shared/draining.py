@@ -24,6 +24,13 @@ def withdraw(run_dir: Path, master_pid: int) -> None:
     flag(run_dir, master_pid).unlink(missing_ok=True)
 
 
+def clear(run_dir: Path) -> None:
+    """Remove every flag: for a fresh master, which holds the run directory's lock, so any flag
+    there was left by a master that died mid-drain (its pid may come back)."""
+    for stale in run_dir.glob("draining-*"):
+        stale.unlink(missing_ok=True)
+
+
 def draining(run_dir: Path) -> bool:
     """In a worker: has its master begun a graceful stop?"""
     return flag(run_dir, os.getppid()).exists()
