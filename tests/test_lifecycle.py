@@ -221,7 +221,10 @@ def _version(response):
 def versioned_server(tmp_path: Path, preload: str) -> GunicornServer:
     """The kit serving ``lifeapp:app`` from ``tmp_path``, whose code the test rewrites."""
     (tmp_path / "lifeapp.py").write_text(VERSIONED_APP.format(version="1"))
-    server = GunicornServer(workers=2, env={"HEAVYAPP_PRELOAD": preload})
+    # A long queue timeout: the queue gate's 503s (tests/test_overload.py) must not count as
+    # failures here on a loaded machine, where 4 workers share 2 cores for a moment.
+    env = {"HEAVYAPP_PRELOAD": preload, "HEAVYAPP_QUEUE_TIMEOUT": "10"}
+    server = GunicornServer(workers=2, env=env)
     server.command = [
         GUNICORN, "-c", "gunicorn_conf.py", "--pythonpath", str(tmp_path), "lifeapp:app"
     ]  # fmt: skip
