@@ -132,6 +132,28 @@ def test_the_drain_window_keeps_serving_unready(start_server: Start) -> None:
     assert "listeners closed to new connections, 0 waiting" in server.log_text()
 
 
+def test_graceful_timeout_bounds_the_whole_stop(start_server: Start) -> None:
+    """A request that outlives GRACEFUL_TIMEOUT is cut there (as in Gunicorn), nothing is
+    started again, and the master still exits 0 about then."""
+    server = start_server(workers=1, env={"GRACEFUL_TIMEOUT": "1"})
+    (worker,) = [psutil.Process(pid) for pid in server.worker_pids()]
+    cpu = worker.cpu_times().user
+
+    def cut_short() -> None:
+        with contextlib.suppress(requests.RequestException):  # it is: the worker is killed
+            requests.get(f"{server.url}/heavy?n=50000000", timeout=30)  # seconds of CPU
+
+    threading.Thread(target=cut_short, daemon=True).start()
+    poll_until(lambda: worker.cpu_times().user - cpu > 0.1, 10, "the worker busy", every=0.01)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+    assert time.monotonic() - sent < 3
+    log = server.log_text()
+    assert "1 workers still busy at GRACEFUL_TIMEOUT, killing them" in log
+    assert "Starting another worker" not in log.split("Draining:", 1)[1], "nothing respawned"
+
+
 @pytest.mark.parametrize("quick", [signal.SIGINT, signal.SIGQUIT])
 def test_sigint_and_sigquit_still_stop_at_once(start_server: Start, quick: int) -> None:
     """Also in the middle of a drain window: the quick stop keeps its meaning."""

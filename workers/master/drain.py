@@ -68,7 +68,8 @@ class Drain:
                     "queue; retiring the workers",
                     keeper,
                 )
-                internals.keep_control_socket_file(self.server)  # the other master's now
+                if self.server.reexec_pid:  # the control socket's path is the new master's now
+                    internals.keep_control_socket_file(self.server)
             else:
                 self.unready()
                 self.serve_queue()
@@ -138,7 +139,9 @@ class Drain:
                 len(self.server.WORKERS),
             )
             self.server.kill_workers(signal.SIGKILL)
-            self.tend(until=time.monotonic() + 1, done=lambda: not self.server.WORKERS)
+            self.tend(
+                until=time.monotonic() + 1, done=lambda: not self.server.WORKERS, respawn=False
+            )
         self.log.info(
             "Drain done in %.1fs: all workers stopped, closing the listeners",
             time.monotonic() - self.began,
