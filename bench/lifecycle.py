@@ -39,7 +39,7 @@ import psutil
 
 from bench.common import Maker, external, kit, machine, record, stock_gunicorn, table
 from harness.lifecycle import Clients, Tally
-from harness.nginx import NGINX_CONF, fronting, nginx_binary
+from harness.nginx import NGINX_CONF, fronting, lone_server_conf, nginx_binary
 from harness.server import serving
 
 HEAVY = "/heavy?n=1000000"
@@ -93,14 +93,6 @@ def sigterm_with_a_queue(name: str, make: Maker) -> list[object]:
     first = min(tally.refused, default=sent) - sent
     note = f"exit {code} in {took:.1f}s; first refusal {first:.1f}s after SIGTERM"
     return row("SIGTERM, 12 clients queued", name, tally, len(tally.lost), note)
-
-
-def one_server_entry() -> Path:
-    """The shipped file as it was before the retry: one ``server``, no backup entry."""
-    text = "\n".join(line for line in NGINX_CONF.read_text().splitlines() if " backup;" not in line)
-    path = Path(tempfile.mkdtemp(prefix="heavyapp-bench-")) / "one-server.conf"
-    path.write_text(text)
-    return path
 
 
 def kill_storm(
@@ -181,7 +173,7 @@ def main() -> None:
     for name, make in SERVERS.items():
         rows.append(sigterm_with_a_queue(name, make))
     if nginx_binary():
-        one = one_server_entry()
+        one = lone_server_conf(Path(tempfile.mkdtemp(prefix="heavyapp-bench-")))
         for name, make in SERVERS.items():
             rows.append(kill_storm(f"{name} + shipped nginx", make, args.kills, args.every))
         lone = "stock + nginx, one server entry"

@@ -81,6 +81,15 @@ def render(template: str, values: Mapping[str, str]) -> str:
     return PLACEHOLDER.sub(fill, template)
 
 
+def lone_server_conf(directory: Path) -> Path:
+    """The shipped file without its backup entry, written to ``directory``: one ``server``, as
+    the file was before the retry (nginx never retries a lone server), for the contrast."""
+    lines = NGINX_CONF.read_text().splitlines()
+    conf = directory / "lone-server.conf"
+    conf.write_text("\n".join(line for line in lines if " backup;" not in line) + "\n")
+    return conf
+
+
 def placeholders(template: str) -> set[str]:
     """The ``HEAVYAPP_*`` names the template needs."""
     return {a or b for a, b in PLACEHOLDER.findall(template)}

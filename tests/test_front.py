@@ -32,7 +32,15 @@ import pytest
 
 from harness.attack import run_attack
 from harness.lifecycle import Clients
-from harness.nginx import NGINX_CONF, NginxFront, fronting, nginx_binary, placeholders, render
+from harness.nginx import (
+    NGINX_CONF,
+    NginxFront,
+    fronting,
+    lone_server_conf,
+    nginx_binary,
+    placeholders,
+    render,
+)
 from harness.server import REPO, GunicornServer, free_port
 from helpers import http_get, poll_until, unavailable
 
@@ -383,15 +391,24 @@ class DyingUpstream:
 
 
 @pytest.mark.parametrize(
-    ("method", "when", "sent"),
-    [("GET", "before", 2), ("POST", "before", 1), ("GET", "midway", 1)],
+    ("method", "when", "backup", "sent"),
+    [
+        ("GET", "before", True, 2),
+        ("POST", "before", True, 1),
+        ("GET", "midway", True, 1),
+        ("GET", "before", False, 1),  # a lone server: nginx never retries it
+    ],
 )
 def test_nginx_resends_only_a_get_that_got_no_answer(
-    nginx: str, method: str, when: str, sent: int
+    nginx: str, tmp_path: Path, method: str, when: str, backup: bool, sent: int
 ) -> None:
     """A GET whose upstream died before answering is sent once more (the backup entry), a POST
     never; nor anything once part of an answer went back. nginx's 502 is the app's JSON."""
-    with DyingUpstream(when) as upstream, fronting(f"127.0.0.1:{upstream.port}") as front:
+    conf = NGINX_CONF if backup else lone_server_conf(tmp_path)
+    with (
+        DyingUpstream(when) as upstream,
+        fronting(f"127.0.0.1:{upstream.port}", conf=conf) as front,
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
         try:
             conn.request(method, "/heavy", body=b"{}" if method == "POST" else None)
