@@ -28,6 +28,8 @@ from harness.server import REPO, GunicornServer, free_port, port_is_taken
 
 NGINX_CONF = REPO / "deploy" / "nginx" / "heavyapp.conf"
 NGINX_BINARY = "/usr/sbin/nginx"
+#: Where the shipped file writes its access lines (Debian's, and the official image's stdout).
+SHIPPED_ACCESS_LOG = "/var/log/nginx/access.log"
 # The only names the shipped file may leave for the renderer (the official image's
 # NGINX_ENVSUBST_FILTER does the same): every other "$name" is an nginx variable.
 PLACEHOLDER = re.compile(r"\$\{(HEAVYAPP_\w+)\}|\$(HEAVYAPP_\w+)")
@@ -130,7 +132,9 @@ class NginxFront:
             conf.read_text(),
             {"HEAVYAPP_LISTEN": f"127.0.0.1:{self.port}", "HEAVYAPP_UPSTREAM": self.upstream},
         )
-        (self.tmp / "heavyapp.conf").write_text(self.rendered)
+        # The shipped file's access log, moved into this run's directory like everything else.
+        sandboxed = self.rendered.replace(SHIPPED_ACCESS_LOG, str(self.tmp / "access.log"))
+        (self.tmp / "heavyapp.conf").write_text(sandboxed)
         user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
         self.conf_path.write_text(WRAPPER.format(user=user, workers=workers, tmp=self.tmp))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -237,8 +241,7 @@ class NginxFront:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def access_log(self) -> str:
-        """The shipped file logs each request to /dev/stdout: nginx's stdout, kept here."""
-        path = self.tmp / "stdout.log"
+        path = self.tmp / "access.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def log_tail(self, lines: int = 30) -> str:

@@ -179,7 +179,7 @@ def test_config_says_what_the_front_must_do() -> None:
     assert "proxy_intercept_errors" not in " ".join(c for _, c in directives(text)), (
         "the app's own errors pass as written"
     )
-    assert "$upstream_status" in text and "access_log /dev/stdout heavyapp;" in text
+    assert "$upstream_status" in text and "access_log /var/log/nginx/access.log heavyapp;" in text
     assert "non_idempotent" not in " ".join(code for _, code in directives(text))
     read_timeout = re.fullmatch(r"proxy_read_timeout (\d+)s;", found["proxy_read_timeout"])
     assert read_timeout and int(read_timeout.group(1)) > GUNICORN_TIMEOUT
