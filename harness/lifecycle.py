@@ -66,8 +66,11 @@ class Clients:
         self.timeout = timeout
         self.pace = pace
         self.tally = Tally()
+        self.finished = [0] * count  # requests each client has finished, whatever became of them
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(count)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(count)
+        ]
 
     def start(self) -> Clients:
         for thread in self._threads:
@@ -85,10 +88,21 @@ class Clients:
             thread.join(max(0.0, end - time.monotonic()))
         return self.tally
 
-    def _loop(self) -> None:
+    def progress(self) -> list[int]:
+        """A snapshot for ``past``."""
+        return list(self.finished)
+
+    def past(self, snapshot: list[int]) -> bool:
+        """Has every client finished a request since ``snapshot``? Then whatever was in flight
+        when it was taken (a retry included) is over."""
+        return all(now > then for now, then in zip(self.finished, snapshot, strict=True))
+
+    def _loop(self, index: int) -> None:
         while not self._stop.is_set() and time.monotonic() < self.deadline:
             began = time.monotonic()
-            if self._one() == "refused" and self.until_refused:
+            outcome = self._one()
+            self.finished[index] += 1
+            if outcome == "refused" and self.until_refused:
                 return
             self._stop.wait(max(0.0, self.pace - (time.monotonic() - began)))
 
