@@ -65,6 +65,7 @@ bench: venv load-tools
 	$(BIN)/python -m bench.overload
 	$(BIN)/python -m bench.clients
 	$(BIN)/python -m bench.native
+	$(BIN)/python -m bench.lifecycle
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -27,6 +27,8 @@ from harness.server import REPO, GunicornServer
 
 NGINX_CONF = REPO / "deploy" / "nginx" / "heavyapp.conf"
 NGINX_BINARY = "/usr/sbin/nginx"
+#: Where the shipped file writes its access lines (Debian's, and the official image's stdout).
+SHIPPED_ACCESS_LOG = "/var/log/nginx/access.log"
 # The only names the shipped file may leave for the renderer (the official image's
 # NGINX_ENVSUBST_FILTER does the same): every other "$name" is an nginx variable.
 PLACEHOLDER = re.compile(r"\$\{(HEAVYAPP_\w+)\}|\$(HEAVYAPP_\w+)")
@@ -80,6 +82,15 @@ def render(template: str, values: Mapping[str, str]) -> str:
     return PLACEHOLDER.sub(fill, template)
 
 
+def lone_server_conf(directory: Path) -> Path:
+    """The shipped file without its backup entry, written to ``directory``: one ``server``, as
+    the file was before the retry (nginx never retries a lone server), for the contrast."""
+    lines = NGINX_CONF.read_text().splitlines()
+    conf = directory / "lone-server.conf"
+    conf.write_text("\n".join(line for line in lines if " backup;" not in line) + "\n")
+    return conf
+
+
 def placeholders(template: str) -> set[str]:
     """The ``HEAVYAPP_*`` names the template needs."""
     return {a or b for a, b in PLACEHOLDER.findall(template)}
@@ -125,7 +136,9 @@ class NginxFront(ChildServer):
             conf.read_text(),
             {"HEAVYAPP_LISTEN": f"127.0.0.1:{self.port}", "HEAVYAPP_UPSTREAM": self.upstream},
         )
-        (self.tmp / "heavyapp.conf").write_text(self.rendered)
+        # The shipped file's access log, moved into this run's directory like everything else.
+        sandboxed = self.rendered.replace(SHIPPED_ACCESS_LOG, str(self.tmp / "access.log"))
+        (self.tmp / "heavyapp.conf").write_text(sandboxed)
         user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
         self.conf_path.write_text(WRAPPER.format(user=user, workers=workers, tmp=self.tmp))
 

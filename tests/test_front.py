@@ -16,20 +16,34 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness.attack import run_attack
-from harness.nginx import NGINX_CONF, NginxFront, fronting, nginx_binary, placeholders, render
+from harness.lifecycle import Clients
+from harness.nginx import (
+    NGINX_CONF,
+    NginxFront,
+    fronting,
+    lone_server_conf,
+    nginx_binary,
+    placeholders,
+    render,
+)
 from harness.server import REPO, GunicornServer, free_port
 from helpers import http_get, poll_until, unavailable
+from workers.shared import titles
 
 pytestmark = pytest.mark.front
 
@@ -154,6 +168,19 @@ def test_config_says_what_the_front_must_do() -> None:
     assert "proxy_set_header X-Forwarded-For" in text
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in text
     assert found["proxy_next_upstream"] == "proxy_next_upstream error timeout;"
+    assert found["proxy_next_upstream_tries"] == "proxy_next_upstream_tries 2;"
+    servers = [c for _, c in directives(text) if c.startswith("server ${")]
+    assert servers == [
+        "server ${HEAVYAPP_UPSTREAM} max_fails=0;",
+        "server ${HEAVYAPP_UPSTREAM} max_fails=0 backup;",
+    ], "two tries of the one pool: a lone server is never retried"
+    for status in (502, 503, 504, 413):
+        assert f"error_page {status} @heavyapp_{status};" in text
+        assert re.search(rf"return {status} '{{\"error\": ", text), status
+    assert "proxy_intercept_errors" not in " ".join(c for _, c in directives(text)), (
+        "the app's own errors pass as written"
+    )
+    assert "$upstream_status" in text and "access_log /var/log/nginx/access.log heavyapp;" in text
     assert "non_idempotent" not in " ".join(code for _, code in directives(text))
     read_timeout = re.fullmatch(r"proxy_read_timeout (\d+)s;", found["proxy_read_timeout"])
     assert read_timeout and int(read_timeout.group(1)) > GUNICORN_TIMEOUT
@@ -293,7 +320,7 @@ def post_with_length(port: int, length: int, send_body: bool) -> http.client.HTT
     if send_body:
         conn.send(b"x" * length)
     resp = conn.getresponse()
-    resp.read()
+    resp.body = resp.read()
     conn.close()
     return resp
 
@@ -308,8 +335,195 @@ def test_body_above_client_max_body_size_gets_413_from_nginx(
         over = post_with_length(front.port, 1024 * 1024 + 1, send_body=False)
         assert over.status == 413
         assert over.getheader("X-Worker-Pid") is None, "refused by nginx, not the kit"
+        assert over.getheader("Content-Type") == "application/json"
+        assert "Payload Too Large" in json.loads(over.body)["error"], "the app's shape, not HTML"
     posts = [line for line in server.log_text().splitlines() if '"POST /heavy' in line]
     assert len(posts) == 1, posts
+
+
+# --------------------------------------------------------------------------- worker deaths
+
+
+class DyingUpstream:
+    """A loopback upstream whose every request but /healthz (nginx's start-up check) dies: after
+    reading the request head, it resets the connection (``before`` any answer) or after half an
+    answer (``midway``); keeps
+    the request line of each connection, i.e. how many times nginx sent each request."""
+
+    def __init__(self, when: str) -> None:
+        self.when = when
+        self.requests: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(4096)):
+                    data += chunk
+                line = data.split(b"\r\n", 1)[0].decode()
+                self.requests.append(line)
+                if "/healthz" in line:
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                if self.when == "midway":
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                    time.sleep(0.1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def __enter__(self) -> DyingUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "when", "backup", "sent"),
+    [
+        ("GET", "before", True, 2),
+        ("POST", "before", True, 1),
+        ("GET", "midway", True, 1),
+        ("GET", "before", False, 1),  # a lone server: nginx never retries it
+    ],
+)
+def test_nginx_resends_only_a_get_that_got_no_answer(
+    nginx: str, tmp_path: Path, method: str, when: str, backup: bool, sent: int
+) -> None:
+    """A GET whose upstream died before answering is sent once more (the backup entry), a POST
+    never; nor anything once part of an answer went back. nginx's 502 is the app's JSON."""
+    conf = NGINX_CONF if backup else lone_server_conf(tmp_path)
+    with (
+        DyingUpstream(when) as upstream,
+        fronting(f"127.0.0.1:{upstream.port}", conf=conf) as front,
+    ):
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        try:
+            conn.request(method, "/heavy", body=b"{}" if method == "POST" else None)
+            resp = conn.getresponse()
+            if when == "midway":
+                assert resp.status == 200
+                with pytest.raises(http.client.IncompleteRead):
+                    resp.read()
+            else:
+                assert resp.status == 502
+                assert resp.getheader("Content-Type") == "application/json"
+                assert "Bad Gateway" in json.loads(resp.read())["error"]
+        finally:
+            conn.close()
+        assert upstream.requests.count(f"{method} /heavy HTTP/1.0") == sent, upstream.requests
+        line = poll_until(
+            lambda: [x for x in front.access_log().splitlines() if "/heavy" in x],
+            5,
+            "the access line",
+        )[0]
+        assert line.count(f"127.0.0.1:{upstream.port}") == sent, line
+
+
+KILLS = 8
+LONG_QUEUE = {"HEAVYAPP_QUEUE_TIMEOUT": "10"}
+
+
+def test_a_kill_storm_behind_nginx_costs_no_get(nginx: str, start_server) -> None:
+    """8 SIGKILLs of busy workers under 8 GET clients: every GET answered 200, the retries in
+    nginx's access line and counted by the kit; then a POST that dies with its worker gets a
+    JSON 502 and is not sent again. A long queue timeout keeps the queue gate's 503s (their own
+    tests are in test_overload.py) out of a count that is about retries, on a loaded machine
+    too, where a pool short of a worker queues for longer."""
+    server = start_server(workers=2, env=LONG_QUEUE)
+    with fronting(server) as front:
+        clients = Clients(front.port, "/heavy?n=1000000", 8, until_refused=False).start()
+        try:
+            poll_until(lambda: clients.tally.answered >= 8, 30, "the clients being served")
+            killed: set[int] = set()
+            for kill in range(KILLS):  # 8 clients on 2 workers: both are always mid-request
+                pids = server.wait_for_workers(2, timeout=10, exclude=killed)
+                before = clients.progress()
+                os.kill(pids[kill % 2], signal.SIGKILL)
+                killed.add(pids[kill % 2])
+                # Kill again only once the request killed (and its retry) is over: one retry
+                # is the bound, so a request that died twice would be a 502 by design.
+                poll_until(lambda b=before: clients.past(b), 30, "every client past the kill")
+            server.wait_for_workers(2, timeout=10, exclude=killed)
+        finally:
+            tally = clients.stop()
+        assert tally.lost == [] and tally.timed_out == 0, tally.summary()
+        assert set(tally.statuses) == {200}, tally.summary()
+        retried = [x for x in front.access_log().splitlines() if "ustatus=502, 200" in x]
+        assert 1 <= len(retried) <= KILLS, "\n".join(retried)
+        print(json.dumps({"kill storm": tally.summary(), "retried": len(retried)}))
+
+        interrupted = poll_until(lambda: interrupted_gets(front), 10, "the kit's count")
+        assert 1 <= interrupted <= KILLS
+
+        # After the storm replacements may still sit out a crash-loop delay or load the app
+        # (CPU that busy() would take for the POST's): wait until the pool is up and idle.
+        pids = poll_until(lambda: idle_pool(server), 40, "the pool up and idle", every=0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
+        try:
+            conn.request(
+                "POST",
+                "/heavy",
+                body=b'{"n": 50000000}',
+                headers={"Content-Type": "application/json"},
+            )
+            os.kill(busy(pids), signal.SIGKILL)
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+        finally:
+            conn.close()
+    assert resp.status == 502 and "Bad Gateway" in body["error"], body
+    assert '"POST /heavy' not in server.log_text(), "the POST was never sent again"
+
+
+def idle_pool(server: GunicornServer) -> list[int] | None:
+    """The 2 workers' pids once none sits out a crash-loop delay and none used CPU for 0.3 s."""
+    pids = server.worker_pids()
+    if len(pids) != 2 or any(titles.parse(titles.read(p))["waiting"] for p in pids):
+        return None
+    workers = [psutil.Process(pid) for pid in pids]
+    start = [w.cpu_times().user + w.cpu_times().system for w in workers]
+    time.sleep(0.3)
+    used = [
+        w.cpu_times().user + w.cpu_times().system - s for w, s in zip(workers, start, strict=True)
+    ]
+    return pids if max(used) < 0.02 else None
+
+
+def busy(pids: list[int]) -> int:
+    """The worker among ``pids`` burning CPU (serving the one request in flight)."""
+    workers = [psutil.Process(pid) for pid in pids]
+    start = [w.cpu_times().user for w in workers]
+
+    def burning() -> int | None:
+        for worker, before in zip(workers, start, strict=True):
+            if worker.cpu_times().user - before > 0.1:
+                return worker.pid
+        return None
+
+    return poll_until(burning, 10, "a worker serving the request", every=0.01)
+
+
+def interrupted_gets(front: NginxFront) -> float:
+    """The kit's count of GETs in flight at a worker's death, from /metrics (through nginx)."""
+    text = urllib.request.urlopen(front.url + "/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith('heavyapp_requests_interrupted_total{method="GET"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 # --------------------------------------------------------------------------- the attack

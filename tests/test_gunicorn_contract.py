@@ -141,3 +141,27 @@ def test_listeners_read_their_backlog() -> None:
         assert internals.listen_backlog([]) == -1
     finally:
         listener.close()
+
+
+def test_the_main_loop_finds_sigterms_handler_by_name_and_halts_on_stop_iteration() -> None:
+    """``stop_gracefully_with`` sets ``handle_term`` on the arbiter; the loop must look it up
+    by name, and turn ``StopIteration`` into ``halt()`` (exit 0)."""
+    run = source(arbiter.Arbiter.run)
+    assert 'getattr(self, "handle_%s" % signame' in run
+    assert "except (StopIteration, KeyboardInterrupt):\n            self.halt()" in run
+    # what the drain calls while it tends the pool, and what says who else holds the socket
+    for name in ("reap_workers", "murder_workers", "manage_workers", "kill_workers"):
+        assert callable(getattr(arbiter.Arbiter, name))
+    assert "sig = self.SIG_QUEUE.get(block=True, timeout=timeout)" in source(
+        arbiter.Arbiter.wait_for_signals
+    )
+    assert "self.reexec_pid = 0" in source(arbiter.Arbiter.reap_workers)
+
+
+def test_the_control_socket_server_unlinks_its_path_on_stop() -> None:
+    """``keep_control_socket_file`` empties ``socket_path`` so ``stop`` removes nothing."""
+    from gunicorn.ctl.server import ControlSocketServer
+
+    assert "os.unlink(self.socket_path)" in source(ControlSocketServer.stop)
+    assert "os.path.exists(self.socket_path)" in source(ControlSocketServer.stop)
+    assert "self._control_server = None" in source(arbiter.Arbiter._stop_control_server)

@@ -49,6 +49,11 @@ def test_values_are_parsed_by_kind() -> None:
     )
 
 
+def test_a_drain_window_of_zero_is_allowed() -> None:
+    assert Settings.from_env({"HEAVYAPP_DRAIN_SECONDS": "0"}).drain_seconds == 0
+    assert Settings.from_env({}).drain_seconds == 0
+
+
 def test_the_head_deadline_shrinks_to_half_the_timeout() -> None:
     assert Settings.from_env({"TIMEOUT": "6"}).head_deadline == 3
 
@@ -62,6 +67,13 @@ def test_the_head_deadline_shrinks_to_half_the_timeout() -> None:
         ({"HEAVYAPP_HEAD_TIMEOUT": "0"}, "HEAVYAPP_HEAD_TIMEOUT must be a positive number"),
         ({"HEAVYAPP_HEAD_TIMEOUT": "nan"}, "HEAVYAPP_HEAD_TIMEOUT must be a positive number"),
         ({"HEAVYAPP_HEAD_TIMEOUT": "16"}, "at most half of the timeout"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "-0.5"}, "HEAVYAPP_DRAIN_SECONDS must be zero or a positive"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "inf"}, "HEAVYAPP_DRAIN_SECONDS must be zero or a positive"),
+        ({"HEAVYAPP_DRAIN_SECONDS": "x"}, "HEAVYAPP_DRAIN_SECONDS must be a number of seconds"),
+        (
+            {"HEAVYAPP_DRAIN_SECONDS": "10", "GRACEFUL_TIMEOUT": "10"},
+            "HEAVYAPP_DRAIN_SECONDS=10 must be below GRACEFUL_TIMEOUT (10s)",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_name(env: dict[str, str], says: str) -> None:

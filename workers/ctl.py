@@ -1,4 +1,5 @@
-"""heavyctl: ``pm2 list``, ``pm2 reload`` and ``pm2 scale`` for a heavyapp server.
+"""heavyctl: ``pm2 list``, ``pm2 reload`` and ``pm2 scale`` for a heavyapp server, and
+``upgrade``, Gunicorn's USR2 binary upgrade done and waited for.
 
 Everything goes through Gunicorn's own control socket (``gunicorn.ctl`` in the server's run
 directory: ``show workers``, ``show stats``; reload and scale are Gunicorn's HUP, TTIN and TTOU to
@@ -380,6 +381,70 @@ def reload(server: Server, timeout: float) -> dict[str, Any]:
     }
 
 
+def _gone(pid: int) -> bool:
+    """Has ``pid`` exited (a zombie counts: it no longer runs)?"""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _live_children(pid: int) -> set[int]:
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    return {c.pid for c in children if not _gone(c.pid)}
+
+
+def _poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise CtlError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(POLL)
+    return found
+
+
+def upgrade(server: Server, timeout: float) -> dict[str, Any]:
+    """Gunicorn's binary upgrade, for new code on a bare VM: SIGUSR2 makes the master re-exec
+    itself (a new master loads the code and configuration on disk and shares the listening
+    socket), then, once the new pool is up, SIGTERM to the old master: its workers finish their
+    requests while the new ones already take the queue. Waits for all of it."""
+    stats = server.send("show stats")
+    old, target = stats["pid"], stats["workers_target"]
+    old_workers = {w["pid"] for w in server.send("show workers")["workers"]}
+    started = time.monotonic()
+    os.kill(old, signal.SIGUSR2)
+
+    def new_master() -> int | None:
+        born = _live_children(old) - old_workers
+        return next(iter(born), None)
+
+    new = _poll(new_master, timeout, "the new master after SIGUSR2 (the master logs why)")
+
+    def new_pool() -> set[int]:
+        if _gone(new):
+            raise CtlError(
+                f"the new master pid={new} exited before its workers were up (its log says "
+                f"why); the old master pid={old} keeps serving"
+            )
+        pids = _live_children(new)
+        return pids if len(pids) == target and _titled(pids) else set()
+
+    pids = _poll(new_pool, timeout, f"the new master pid={new}'s {target} workers")
+    os.kill(old, signal.SIGTERM)  # its workers finish their requests; the queue stays
+    _poll(lambda: _gone(old), timeout, f"the old master pid={old} to leave")
+    _poll(lambda: server.send("show stats")["pid"] == new, timeout, "the new control socket")
+    return {
+        "old_master": old,
+        "new_master": new,
+        "old_pids": sorted(old_workers),
+        "new_pids": sorted(pids),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
 def scale_target(spec: str, current: int) -> int:
     """``N`` (absolute), ``+k`` or ``-k`` (relative) to a worker count of at least 1."""
     if not re.fullmatch(r"[+-]?\d+", spec):
@@ -460,6 +525,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=0.5, help="CPU sampling window, seconds")
     rl = sub.add_parser("reload", parents=[common], help="graceful reload, no failed requests")
     rl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it")
+    up = sub.add_parser(
+        "upgrade", parents=[common], help="new code: USR2, wait for the new pool, TERM the old"
+    )
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step")
     sc = sub.add_parser("scale", parents=[common], help="set the worker count: N, +k or -k")
     sc.add_argument("count", help="N, +k or -k")
     sc.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it")
@@ -478,6 +547,12 @@ def _run(args: argparse.Namespace, server: Server) -> tuple[Any, str]:
         return data, (
             f"reloaded in {data['seconds']}s: workers {data['old_pids']} replaced by "
             f"{data['new_pids']}"
+        )
+    if args.command == "upgrade":
+        data = upgrade(server, args.timeout)
+        return data, (
+            f"upgraded in {data['seconds']}s: master pid={data['old_master']} replaced by "
+            f"pid={data['new_master']}, workers {data['new_pids']}"
         )
     if args.command == "scale":
         data = scale(server, args.count, args.timeout)

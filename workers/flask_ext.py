@@ -6,7 +6,8 @@ It gives any Flask app served by the kit
   (``workers/crashes.py``), and the worker kept (and JSON for HTTP errors the app does not
   answer itself);
 - request counts and latencies by route, and ``GET /metrics`` summed over all workers;
-- ``GET /readyz``, the readiness probe that fails while the worker sheds load.
+- ``GET /readyz``, the readiness probe that fails while the worker sheds load or the server
+  drains.
 
 ``HeavyWorker`` calls it on the app it loads, so ``heavyapp`` itself never imports the kit;
 calling it yourself as well changes nothing.
@@ -35,6 +36,7 @@ from workers import crashes
 from workers.gates import queue
 from workers.master.metrics import PoolCollector
 from workers.settings import Settings, worker_id
+from workers.shared import draining
 
 log = logging.getLogger("gunicorn.error")
 EXTENSION = "heavyapp-kit"
@@ -78,7 +80,10 @@ def _registry() -> CollectorRegistry:
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 503 while this worker cuts a standing queue (and, like any request, when it
     waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so Kubernetes takes an overloaded pod out of
-    rotation; ``/healthz`` (liveness) is never shed, so it never restarts one."""
+    rotation; ``/healthz`` (liveness) is never shed, so it never restarts one. 503 too from the
+    moment the master begins a graceful stop (``workers/master/drain.py``)."""
+    if draining.draining(Settings.from_env().run_dir()):
+        return jsonify(error="draining: the server is stopping"), 503, {"Retry-After": "1"}
     if queue.shedding():
         answer = jsonify(error="overloaded: shedding a standing queue")
         return answer, 503, {"Retry-After": queue.RETRY_AFTER}

@@ -85,6 +85,31 @@ def move_control_socket(arbiter: gunicorn.arbiter.Arbiter, path: str) -> None:
     arbiter.cfg.set("control_socket", path)
 
 
+def stop_gracefully_with(arbiter: gunicorn.arbiter.Arbiter, stop: Callable[[], None]) -> None:
+    """Make ``stop`` the master's SIGTERM handler (it ends by raising ``StopIteration``, as
+    Gunicorn's own ``handle_term`` does, so the main loop halts and exits 0).
+
+    Gunicorn's SIGTERM closes the listeners before the workers go (``Arbiter.stop``), which
+    resets the accept queue; no setting or hook runs before that. The main loop finds the
+    handler by name (``getattr(self, "handle_term")``), so it is set on this arbiter only.
+    """
+    arbiter.handle_term = stop
+
+
+def keep_control_socket_file(arbiter: gunicorn.arbiter.Arbiter) -> None:
+    """Stop this master's control socket server without removing the socket file.
+
+    After a USR2 re-exec both masters were configured with the same path, and the newer one
+    bound it last; Gunicorn's ``ControlSocketServer.stop`` unlinks ``socket_path`` whatever is
+    there, which would leave the surviving master unreachable by heavyctl. An empty path makes
+    both of its unlinks no-ops (``os.path.exists("")`` is False).
+    """
+    control = arbiter._control_server
+    if control is not None:
+        control.socket_path = ""
+        arbiter._stop_control_server()
+
+
 def is_reexec() -> bool:
     """Is this master the child of a USR2 re-exec? Gunicorn exports the old master's pid then."""
     return "GUNICORN_PID" in os.environ

@@ -56,7 +56,8 @@ def setting(
 ) -> Any:
     """Declare one setting: a dataclass field whose metadata says how to read and document it.
 
-    ``kind`` is ``int``, ``seconds`` (a number > 0), ``text``, ``choice`` or ``path``;
+    ``kind`` is ``int``, ``seconds`` (a number > 0, or >= 0 with ``minimum=0``), ``text``,
+    ``choice`` or ``path``;
     ``shown`` is the default as the docs say it when it is computed.
     """
     meta = {"env": env, "doc": doc, "kind": kind, "minimum": minimum, "choices": choices}
@@ -78,8 +79,11 @@ def _parse(name: str, raw: str, meta: Mapping[str, Any]) -> Any:
             value = float(raw)
         except ValueError:
             raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if minimum == 0 and value >= 0 and value != float("inf"):
+            return value
         if not value > 0 or value == float("inf"):
-            raise SettingsError(f"{name} must be a positive number of seconds, got {raw}")
+            floor = "zero or a positive number" if minimum == 0 else "a positive number"
+            raise SettingsError(f"{name} must be {floor} of seconds, got {raw}")
         return value
     try:
         number = int(raw)
@@ -138,6 +142,17 @@ class Settings:
     timeout: int = setting("TIMEOUT", 30, "seconds before a silent worker is killed")
     graceful_timeout: int = setting(
         "GRACEFUL_TIMEOUT", 30, "seconds a stopping worker has to finish before it is killed"
+    )
+    drain_seconds: float = setting(
+        "HEAVYAPP_DRAIN_SECONDS",
+        0,
+        "on SIGTERM, seconds the pool keeps taking new connections (with `/readyz` answering "
+        "503) before it closes its listeners and serves what is left in the accept queue; for "
+        "balancers that stop sending late (Kubernetes endpoints, DNS). 0: close at once, the "
+        "queue is still served; must be below `GRACEFUL_TIMEOUT`, which bounds the whole stop "
+        "(docs/deployment.md)",
+        kind="seconds",
+        minimum=0,
     )
     max_requests: int = setting(
         "MAX_REQUESTS", 0, "Gunicorn's planned recycling after N requests (0: never)", minimum=0
@@ -264,6 +279,11 @@ class Settings:
                 raise SettingsError(
                     f"{name}={value:g} must be at most half of the timeout ({self.timeout}s)"
                 )
+        if self.drain_seconds >= self.graceful_timeout:
+            raise SettingsError(
+                f"HEAVYAPP_DRAIN_SECONDS={self.drain_seconds:g} must be below GRACEFUL_TIMEOUT "
+                f"({self.graceful_timeout}s), which bounds the whole stop, queue included"
+            )
         if self.queue_timeout is not None and self.queue_timeout >= self.timeout:
             raise SettingsError(
                 f"HEAVYAPP_QUEUE_TIMEOUT={self.queue_timeout:g} must be below the timeout "

@@ -25,11 +25,12 @@ from gunicorn.arbiter import Arbiter
 from workers import crashes
 from workers import gunicorn_internals as internals
 from workers.master import rundir
+from workers.master.drain import Drain
 from workers.master.metrics import MasterMetrics
 from workers.master.roster import Backoff, Death, Member, Roster
 from workers.master.sizing import cpu_budget
 from workers.settings import METRICS_DIR, RUN_DIR, WORKER_ID, Settings, SettingsError, export
-from workers.shared import lastwords, threads, titles
+from workers.shared import draining, lastwords, threads, titles
 from workers.shared.exits import ExitCause
 
 #: Settings shown in the one-line effective configuration at start.
@@ -95,6 +96,7 @@ class Master:
 def on_starting(server: Arbiter) -> None:
     master = Master.of(server)
     internals.record_exit_statuses(server)
+    internals.stop_gracefully_with(server, lambda: graceful_stop(server))
     budget = cpu_budget()
     server.log.info(
         "The total number of CPUs is %d, usable %d (%s)", budget.total, budget.usable, budget.source
@@ -113,6 +115,7 @@ def when_ready(server: Arbiter) -> None:
     master = Master.of(server)
     fresh = not internals.is_reexec()  # a USR2 re-exec shares the old master's files
     try:
+        _check_drain(server, master.settings)
         _settle_run_dir(server, master, lock=fresh)
         master.metrics = MasterMetrics.prepare(
             master.settings, server.num_workers, server.LISTENERS, fresh=fresh
@@ -121,8 +124,29 @@ def when_ready(server: Arbiter) -> None:
         raise SystemExit(f"heavyapp: refusing to start: {exc}") from None
     if fresh:
         lastwords.prepare(master.settings.run_dir())
+        draining.clear(master.settings.run_dir())
     shown = " ".join(f"{name}={server.cfg.settings[name].get()!r}" for name in SHOWN_SETTINGS)
     server.log.info("effective config: %s", shown)
+
+
+def _check_drain(server: Arbiter, settings: Settings) -> None:
+    """The drain window against the graceful timeout Gunicorn really uses (a flag may set it)."""
+    if settings.drain_seconds >= server.cfg.graceful_timeout:
+        raise SettingsError(
+            f"HEAVYAPP_DRAIN_SECONDS={settings.drain_seconds:g} must be below the graceful "
+            f"timeout ({server.cfg.graceful_timeout}s), which bounds the whole stop"
+        )
+
+
+def graceful_stop(server: Arbiter) -> None:
+    """SIGTERM: drain (``workers/master/drain.py``), then halt as Gunicorn does (exit 0)."""
+    master = Master.of(server)
+
+    def requests_taken() -> int:
+        return sum(m.board.read().requests for m in master.members(server).values())
+
+    Drain(server, master.settings.drain_seconds, master.settings.run_dir(), requests_taken).run()
+    raise StopIteration
 
 
 def _bound_address(server: Arbiter) -> str:
@@ -166,6 +190,12 @@ def on_reload(server: Arbiter) -> None:
         "reload: generation %d starting, the old workers finish their requests",
         master.roster.generation,
     )
+    if server.cfg.preload_app:
+        server.log.warning(
+            "reload: the app was preloaded in the master (HEAVYAPP_PRELOAD=1), so the new "
+            "workers run the code loaded at start; only the configuration is read again. To "
+            "load new code: heavyctl upgrade (USR2) or a restart"
+        )
 
 
 def pre_fork(server: Arbiter, worker: Any) -> None:
@@ -243,7 +273,9 @@ def child_exit(server: Arbiter, worker: Any) -> None:
     )
     _log_death(server, death, words, fault)
     if master.metrics:
-        master.metrics.worker_left(worker.pid, death.cause, len(server.WORKERS))
+        master.metrics.worker_left(
+            worker.pid, death.cause, len(server.WORKERS), death.request or ""
+        )
     if not death.planned:
         entry = _crash_entry(death, words, fault)
         crashes.record(entry, master.settings.crash_log_path(), master.crash_hooks)

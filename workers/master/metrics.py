@@ -53,6 +53,12 @@ class MasterMetrics:
             "Worker restarts held back by the crash-loop delay (an id that crashed again soon "
             "after its restart).",
         )
+        self.interrupted = Counter(
+            "heavyapp_requests_interrupted_total",
+            "Requests a worker was serving when it died, by method: behind the shipped nginx a "
+            "GET among them is retried once on another worker, a POST is answered 502.",
+            ["method"],
+        )
         # livesum: only the master sets these; forked workers hold a 0 for them, which a sum
         # ignores (liveall/all would show one 0 series per worker pid), and during a USR2
         # re-exec the old and new masters' workers add up, as they do on the socket.
@@ -110,11 +116,14 @@ class MasterMetrics:
         if restart_delay:
             self.delayed.inc()
 
-    def worker_left(self, pid: int, cause: ExitCause, live: int) -> None:
-        """From ``child_exit``: count the exit and drop the dead pid's live-gauge files."""
+    def worker_left(self, pid: int, cause: ExitCause, live: int, serving: str = "") -> None:
+        """From ``child_exit``: count the exit (and the request it was ``serving``, "GET /x",
+        if it died with one) and drop the dead pid's live-gauge files."""
         from prometheus_client import multiprocess
 
         self.exits.labels(cause=cause.value, planned=str(cause.planned).lower()).inc()
+        if serving and not cause.planned:
+            self.interrupted.labels(method=serving.split(" ", 1)[0]).inc()
         self.live.set(live)
         multiprocess.mark_process_dead(pid)
 
