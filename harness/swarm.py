@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from harness.server import REPO
-from loadtest.closedloop import fetch
+from loadtest.closedloop import Outcome, fetch
 
 sys.path.insert(0, str(REPO / "tests"))
 import dockerkit  # tests/dockerkit.py: the engine and the image builds
@@ -61,9 +65,11 @@ def docker(*args: str, timeout: float = 60, check: bool = True) -> str:
 def preflight(port: int, stack: str = STACK) -> None:
     """A Docker client, a running engine, and the front's port free (or already the stack's)."""
     try:
-        dockerkit.docker_cli()
+        cli = dockerkit.docker_cli()
     except dockerkit.DockerUnavailable as exc:
         raise SwarmError(f"no Docker here: {exc}") from None
+    if not os.access(cli, os.X_OK):
+        raise SwarmError(f"no Docker here: no docker client at {cli} (apt-get install docker.io)")
     if not dockerkit.engine_running():
         raise SwarmError(
             "the Docker engine is not running: start it (systemctl start docker, or "
@@ -220,12 +226,13 @@ class Stack:
         return docker("service", "inspect", self.service(short), "--format",
                       "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").strip()  # fmt: skip
 
-    def converged(self) -> bool:
-        """Every service runs exactly its replicas, each healthy where it has a check, no update
-        in flight, and the front answers /healthz with 200 (through to an app task)."""
+    def converged(self, gone: frozenset[str] = frozenset()) -> bool:
+        """Every service runs exactly its replicas, each healthy where it has a check, none of
+        the containers in ``gone`` (replaced or killed ones), no update in flight, and the front
+        answers /healthz with 200 (through to an app task)."""
         for short in ("app", "front"):
             running = [c for c in self.containers(short) if c["running"]]
-            if len(running) != self.replicas(short):
+            if gone & {c["id"] for c in running} or len(running) != self.replicas(short):
                 return False
             if any(c["health"] not in ("", "healthy") for c in running):
                 return False
@@ -240,11 +247,11 @@ class Stack:
             return False
         return status == 200
 
-    def wait_converged(self, timeout: float) -> float:
-        """Seconds until ``converged()``; SwarmError (with each service's state) past timeout."""
+    def wait_converged(self, timeout: float, gone: frozenset[str] = frozenset()) -> float:
+        """Seconds until ``converged(gone)``; SwarmError (with the tasks' states) past timeout."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            if self.converged():
+            if self.converged(gone):
                 return time.monotonic() - t0
             time.sleep(POLL)
         raise SwarmError(f"stack {self.name} not converged within {timeout:.0f} s: {self.status()}")
@@ -257,21 +264,121 @@ class Stack:
         )  # fmt: skip
         return "; ".join(line.strip() for line in out.splitlines()) or "no tasks"
 
+    def front_errors(self) -> list[tuple[float, str]]:
+        """(Unix time, message) of each failed try the front logged towards a task: every one
+        it retried on another task, and every one it could not."""
+        (front,) = self.containers("front") or [{"id": ""}]
+        proc = (
+            dockerkit.docker("logs", front["id"], check=False, timeout=30) if front["id"] else None
+        )
+        found = []
+        for line in (proc.stderr if proc else "").splitlines():
+            m = NGINX_ERROR.match(line)
+            if m:
+                stamp = time.mktime(time.strptime(m.group(1), "%Y/%m/%d %H:%M:%S"))
+                found.append((stamp - time.timezone, m.group(2)))
+        return found
+
     # -- changing it -------------------------------------------------------------------------
 
-    def scale(self, replicas: int, short: str = "app") -> None:
-        docker("service", "scale", "--detach", f"{self.service(short)}={replicas}")
+    def app_ids(self) -> frozenset[str]:
+        return frozenset(c["id"] for c in self.containers("app"))
 
-    def roll(self, short: str = "app") -> None:
-        """``docker service update --force``: replace every task the way a new image would."""
+    def roll(self) -> frozenset[str]:
+        """``docker service update --force`` of the app: every task replaced, as by a new
+        image. The containers that must go."""
+        old = self.app_ids()
         docker("service", "update", "--force", "--detach", "--no-resolve-image",
-               self.service(short))  # fmt: skip
+               self.service("app"))  # fmt: skip
+        return old
 
-    def kill_one(self, short: str = "app") -> str:
-        """SIGKILL one of the service's containers (as the OOM killer or a crash would)."""
-        victim = self.containers(short)[0]
-        docker("kill", victim["id"])
-        return victim["id"]
+    def scale(self, replicas: int) -> frozenset[str]:
+        docker("service", "scale", "--detach", f"{self.service('app')}={replicas}")
+        return frozenset()
+
+    def kill_one(self) -> frozenset[str]:
+        """SIGKILL one app container (as the OOM killer or a crash would): the one that goes."""
+        victim = self.containers("app")[0]["id"]
+        docker("kill", victim)
+        return frozenset({victim})
+
+
+#: nginx's error log line: its time (the container's clock, UTC) and message.
+NGINX_ERROR = re.compile(
+    r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) \[error\] \d+#\d+: \*\d+ ([^,]*upstream)"
+)
+
+
+# --------------------------------------------------------------------------- the scenario
+
+
+@dataclass
+class Phase:
+    """One step of the scenario: when it ran (monotonic and Unix clocks), how long until the
+    stack had converged again."""
+
+    name: str
+    started: float
+    ended: float
+    wall_started: float
+    converge_s: float
+
+
+#: The scenario of issue 17, in order: a rolling update, a scale out and back, a lost container.
+SCENARIO: list[tuple[str, Callable[[Stack], frozenset[str]]]] = [
+    ("rolling update (service update --force)", Stack.roll),
+    ("scale 2 -> 3", lambda stack: stack.scale(3)),
+    ("scale 3 -> 2", lambda stack: stack.scale(2)),
+    ("one app container killed", Stack.kill_one),
+]
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """What the clients saw during one phase, and what the front had to retry."""
+
+    name: str
+    gets: int
+    failed: int
+    statuses: dict[int, int]
+    converge_s: float
+    front_retries: int
+
+    def line(self) -> str:
+        return (
+            f"{self.name}: {self.gets} GETs, {self.failed} failed {self.statuses}, converged in "
+            f"{self.converge_s:.1f} s, {self.front_retries} tries failed at the front"
+        )
+
+
+def results(
+    phases: list[Phase], outcomes: list[Outcome], errors: list[tuple[float, str]]
+) -> list[PhaseResult]:
+    """Per phase: the requests that started in it, and the front's failed tries logged in it
+    (nginx stamps whole seconds, so a second either side)."""
+    found = []
+    for p in phases:
+        during = [o for o in outcomes if p.started <= o.started < p.ended]
+        wall_end = p.wall_started + (p.ended - p.started)
+        tries = [e for e in errors if p.wall_started - 1 <= e[0] <= wall_end + 1]
+        statuses = Counter(o.status for o in during)
+        failed = sum(1 for o in during if o.failed)
+        counts = dict(sorted(statuses.items()))
+        found.append(PhaseResult(p.name, len(during), failed, counts, p.converge_s, len(tries)))
+    return found
+
+
+def run_scenario(stack: Stack, timeout: float = 90.0, settle: float = 2.0) -> list[Phase]:
+    """Each step of SCENARIO, waiting for the stack to converge after it (at most ``timeout``),
+    then ``settle`` seconds more under the caller's load before the next."""
+    phases = []
+    for name, step in SCENARIO:
+        started, wall = time.monotonic(), time.time()
+        gone = step(stack)
+        took = stack.wait_converged(timeout, gone)
+        time.sleep(settle)  # the load runs on: what the front does with what it has cached
+        phases.append(Phase(name, started, time.monotonic(), wall, took))
+    return phases
 
 
 # --------------------------------------------------------------------------- make swarm
