@@ -59,6 +59,7 @@ bench: venv load-tools
 	$(BIN)/python -m bench.overload
 	$(BIN)/python -m bench.clients
 	$(BIN)/python -m bench.native
+	$(BIN)/python -m bench.swarm
 
 # The kit as a Docker swarm stack (deploy/swarm/, docs/deployment.md#swarm): builds the images
 # from local bases, creates a one-node swarm if the engine is in none, deploys the stack

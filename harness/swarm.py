@@ -384,15 +384,20 @@ def run_scenario(stack: Stack, timeout: float = 90.0, settle: float = 2.0) -> li
 # --------------------------------------------------------------------------- make swarm
 
 
-def up(port: int, log=print) -> str:
-    """Build, deploy, wait; the front's URL. Undoes everything it did when it fails."""
-    preflight(port)
+def build_images(log=print) -> None:
+    """The app and front images from the local base (each a no-op when nothing changed)."""
     try:
         base = dockerkit.ensure_base_image(log=log)
         dockerkit.build_app_image(dockerkit.APP_TAG, base, log=log)
         dockerkit.build_front_image(dockerkit.FRONT_TAG, base, log=log)
     except (dockerkit.DockerUnavailable, RuntimeError) as exc:
         raise SwarmError(f"building the images failed: {str(exc).splitlines()[0]}") from None
+
+
+def up(port: int, log=print) -> str:
+    """Build, deploy, wait; the front's URL. Undoes everything it did when it fails."""
+    preflight(port)
+    build_images(log)
     created = join_swarm()
     stack = Stack(port=port)
     try:

@@ -8,7 +8,7 @@ covers Gunicorn's graceful timeout, the uid is the Dockerfile's, the labels line
 Compose: deploy/compose.yaml is checked structurally here and by ``docker-compose config -q``
 (Debian bookworm's docker-compose 1.29, which validates against the Compose specification
 schema) or ``docker compose config -q`` where the v2 plugin exists, and brought up (marker
-``swarm``: the app and the front, on the images built from local bases).
+``container`` and ``swarm``: the app and the front, on the images built from local bases).
 """
 
 from __future__ import annotations
@@ -281,6 +281,7 @@ def compose_cpus() -> int:
     return int(cpus)
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_compose_comes_up_with_the_local_images_and_the_pool_matches_cpus(app_image, front_image):
     """The app and the front from deploy/compose.yaml, on the images built from local bases:

@@ -1,7 +1,8 @@
 """The kit as a Docker swarm stack (deploy/swarm/), deployed by ``make swarm``, broken under load.
 
 Without Docker: the stack's numbers agree with each other and the front's config rendered for it
-re-resolves the tasks and passes ``nginx -t``. With Docker (marker ``swarm``): ``make swarm``
+re-resolves the tasks and passes ``nginx -t``. With Docker (markers ``container`` and ``swarm``):
+``make swarm``
 refuses cleanly (no client, a stopped engine, a taken port), deploys on a one-node swarm it
 creates, and under 8 closed-loop GET clients through the front the stack rolls every task,
 scales 2 -> 3 -> 2 and loses a container without one GET failing; ``make swarm-down`` leaves
@@ -150,12 +151,14 @@ def assert_refused(proc: subprocess.CompletedProcess[str], why: str) -> None:
     assert "http://" not in proc.stdout
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_make_swarm_without_docker_says_so_in_one_line():
     proc = make("swarm", free_port(), HEAVYAPP_DOCKER_CLI="/nonexistent/docker")
     assert_refused(proc, r"no Docker here: no docker client at /nonexistent/docker")
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_make_swarm_with_a_stopped_engine_says_so_in_one_line(tmp_path: Path):
     # a socket nobody answers on: what the client sees when dockerd is not running
@@ -163,6 +166,7 @@ def test_make_swarm_with_a_stopped_engine_says_so_in_one_line(tmp_path: Path):
     assert_refused(proc, r"the Docker engine is not running")
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_make_swarm_on_a_taken_port_refuses_and_deploys_nothing(docker_engine):
     with socket.socket() as taken:
@@ -196,6 +200,7 @@ def deployed(app_image, front_image):
         assert not dockerkit.docker("ps", "-aq", "--filter", label).stdout.split()
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_each_replicas_pool_follows_its_cpu_limit(deployed):
     """1 CPU per replica (resources.limits.cpus), so 1 worker in each, as heavyctl shows."""
@@ -227,6 +232,7 @@ def describe(stack: swarm.Stack, phases: list[swarm.Phase], report: Report) -> s
     return "\n  ".join([report.summary(), *(r.line() for r in found)])
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_roll_scale_and_a_lost_container_cost_no_get(deployed):
     """Every GET 200 through a rolling update and a scale out and back; after a SIGKILLed
@@ -249,6 +255,7 @@ def test_roll_scale_and_a_lost_container_cost_no_get(deployed):
     assert len(report.failures) <= 1, report.summary()
 
 
+@pytest.mark.container
 @pytest.mark.swarm
 def test_stock_gunicorn_in_the_same_stack(deployed):
     """The peer, for the record (HEAVYAPP_SWARM_FULL=1): its failures are printed, not asserted."""
