@@ -138,6 +138,9 @@ def start_engine(timeout: float = 60) -> int | None:
     with open(STATE_DIR / "dockerd.log", "ab") as log:  # the child keeps its own copy of the fd
         proc = subprocess.Popen(
             [dockerd],
+            # Swarm tasks start from the local image: without this the engine asks the registry
+            # for every task it starts (there is none here), and waits for its DNS to give up.
+            env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
