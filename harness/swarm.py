@@ -36,6 +36,8 @@ SWARM_DIR = REPO / "deploy" / "swarm"
 STACK_FILE = SWARM_DIR / "stack.yaml"
 #: The same stack with stock ``gunicorn -w N heavyapp:app`` as the app (the peer).
 STOCK_FILE = SWARM_DIR / "stock.yaml"
+#: Prometheus scraping every app task, an optional second file.
+PROMETHEUS_FILE = SWARM_DIR / "prometheus.yaml"
 DEFAULT_PORT = 8080
 #: Written by ``up`` when it ran ``docker swarm init``: ``down`` leaves only a swarm it created.
 MARKER = dockerkit.STATE_DIR / "swarm-created-by-heavyapp"
@@ -141,17 +143,24 @@ class Stack:
         port: int = DEFAULT_PORT,
         *,
         stock: bool = False,
+        prometheus_port: int | None = None,
         app_image: str = dockerkit.APP_TAG,
         front_image: str = dockerkit.FRONT_TAG,
     ) -> None:
         self.name = name
         self.port = port
         self.files = [STACK_FILE, *([STOCK_FILE] if stock else [])]
+        self.services = ["app", "front"]
         self.env = {
             "HEAVYAPP_IMAGE": app_image,
             "HEAVYAPP_FRONT_IMAGE": front_image,
             "SWARM_PORT": str(port),
         }
+        if prometheus_port:
+            self.files.append(PROMETHEUS_FILE)
+            self.services.append("prometheus")
+            self.env["HEAVYAPP_PROMETHEUS_IMAGE"] = dockerkit.PROMETHEUS_TAG
+            self.env["PROMETHEUS_PORT"] = str(prometheus_port)
         self.url = f"http://127.0.0.1:{port}"
 
     def service(self, short: str) -> str:
@@ -230,7 +239,7 @@ class Stack:
         """Every service runs exactly its replicas, each healthy where it has a check, none of
         the containers in ``gone`` (replaced or killed ones), no update in flight, and the front
         answers /healthz with 200 (through to an app task)."""
-        for short in ("app", "front"):
+        for short in self.services:
             running = [c for c in self.containers(short) if c["running"]]
             if gone & {c["id"] for c in running} or len(running) != self.replicas(short):
                 return False

@@ -38,6 +38,8 @@ BASE_TAG = os.environ.get("HEAVYAPP_BASE_IMAGE", "heavyapp-base:bookworm")
 APP_TAG = os.environ.get("HEAVYAPP_TEST_IMAGE", "heavyapp:test")
 FRONT_TAG = os.environ.get("HEAVYAPP_FRONT_TEST_IMAGE", "heavyapp-front:test")
 FRONT_DOCKERFILE = REPO / "deploy" / "nginx" / "Dockerfile"
+PROMETHEUS_TAG = os.environ.get("HEAVYAPP_PROMETHEUS_TEST_IMAGE", "heavyapp-prometheus:test")
+PROMETHEUS_DIR = REPO / "deploy" / "swarm" / "prometheus"
 NGINX_CONF = REPO / "deploy" / "nginx" / "heavyapp.conf"
 # Docker's embedded DNS server, in every container on a user-defined or overlay network.
 DOCKER_DNS = "127.0.0.11"
@@ -458,6 +460,16 @@ def build_front_image(tag: str = FRONT_TAG, base: str = BASE_TAG, log=print) -> 
             _build(cmd, tag)
     finally:
         shutil.rmtree(context, ignore_errors=True)
+    return time.monotonic() - t0
+
+
+def build_prometheus_image(tag: str = PROMETHEUS_TAG, base: str = BASE_TAG, log=print) -> float:
+    """``docker build`` deploy/swarm/prometheus/Dockerfile (Debian's prometheus). Seconds taken."""
+    t0 = time.monotonic()
+    cmd = ["build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(PROMETHEUS_DIR)]
+    log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
+    with _lock("build"):
+        _build(cmd, tag)
     return time.monotonic() - t0
 
 

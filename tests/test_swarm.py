@@ -26,7 +26,7 @@ import dockerkit
 from harness import swarm
 from harness.nginx import NginxFront, nginx_binary
 from harness.server import REPO, free_port
-from helpers import unavailable
+from helpers import http_get, poll_until, unavailable
 from loadtest.closedloop import ClosedLoop, Report
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
@@ -271,4 +271,34 @@ def test_stock_gunicorn_in_the_same_stack(deployed):
         print(f"\n[swarm] stock: {describe(stock, phases, report)}")
     finally:
         deployed.deploy()  # back to the kit for the tests after this one
+        deployed.wait_converged(120)
+
+
+@pytest.mark.container
+@pytest.mark.swarm
+def test_prometheus_scrapes_every_task(deployed, base_image):
+    """The optional Prometheus file (HEAVYAPP_SWARM_FULL=1): one target per app task, all up,
+    and a scale-out shows up as one more target."""
+    if not FULL:
+        pytest.skip("HEAVYAPP_SWARM_FULL=1 also deploys deploy/swarm/prometheus.yaml")
+    dockerkit.build_prometheus_image(base=base_image)
+    stack = swarm.Stack(port=deployed.port, prometheus_port=free_port())
+    api = f"http://127.0.0.1:{stack.env['PROMETHEUS_PORT']}/api/v1/targets"
+
+    def up_targets(count: int) -> list[str] | None:
+        status, body, _ = http_get(api, timeout=5)
+        active = body["data"]["activeTargets"] if status == 200 else []
+        up = [t["labels"]["instance"] for t in active if t["health"] == "up"]
+        return up if len(up) == len(active) == count else None
+
+    stack.deploy()
+    try:
+        stack.wait_converged(120)
+        poll_until(lambda: up_targets(2), 60, "2 app tasks up in Prometheus", 1, ignore=(OSError,))
+        stack.scale(3)
+        stack.wait_converged(60)
+        poll_until(lambda: up_targets(3), 60, "3 app tasks up in Prometheus", 1, ignore=(OSError,))
+    finally:
+        stack.scale(2)
+        dockerkit.docker("service", "rm", stack.service("prometheus"), check=False)
         deployed.wait_converged(120)
