@@ -19,7 +19,6 @@ import argparse
 from bench.common import machine, record, table
 from harness import swarm
 from harness.server import free_port
-from loadtest.closedloop import ClosedLoop
 
 PATH = "/heavy?n=20000"
 CLIENTS = 8
@@ -28,12 +27,7 @@ CLIENTS = 8
 def measure(stack: swarm.Stack) -> tuple[list[swarm.PhaseResult], str]:
     stack.deploy()
     stack.wait_converged(180)
-    loop = ClosedLoop(stack.url, PATH, clients=CLIENTS, duration=900, timeout=30).start()
-    try:
-        loop.wait_for_requests(50, timeout=30)
-        phases = swarm.run_scenario(stack)
-    finally:
-        report = loop.stop()
+    phases, report = swarm.under_load(stack, PATH, CLIENTS)
     return swarm.results(phases, report.outcomes, stack.front_errors()), report.summary()
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.server import REPO
-from loadtest.closedloop import Outcome, fetch
+from loadtest.closedloop import ClosedLoop, Outcome, Report, fetch
 
 sys.path.insert(0, str(REPO / "tests"))
 import dockerkit  # tests/dockerkit.py: the engine and the image builds
@@ -375,6 +375,17 @@ def results(
         counts = dict(sorted(statuses.items()))
         found.append(PhaseResult(p.name, len(during), failed, counts, p.converge_s, len(tries)))
     return found
+
+
+def under_load(stack: Stack, path: str, clients: int) -> tuple[list[Phase], Report]:
+    """SCENARIO with ``clients`` closed-loop GETs of ``path`` through the front all along."""
+    loop = ClosedLoop(stack.url, path, clients=clients, duration=900, timeout=30).start()
+    try:
+        loop.wait_for_requests(50, timeout=30)
+        phases = run_scenario(stack)
+    finally:
+        report = loop.stop()
+    return phases, report
 
 
 def run_scenario(stack: Stack, timeout: float = 90.0, settle: float = 2.0) -> list[Phase]:

@@ -388,12 +388,7 @@ def _prepare_rootfs(root: Path) -> None:
 
 def build_app_image(tag: str = APP_TAG, base: str = BASE_TAG, log=print) -> float:
     """``docker build`` the repo's Dockerfile with only the base swapped. Returns seconds taken."""
-    t0 = time.monotonic()
-    cmd = ["build", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag, str(REPO)]
-    log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
-    with _lock("build"):
-        _build(cmd, tag)
-    return time.monotonic() - t0
+    return _build(["--build-arg", f"PYTHON_IMAGE={base}", str(REPO)], tag, log)
 
 
 # --------------------------------------------------------------------------- front image
@@ -449,41 +444,37 @@ def front_conf(template: str, app: str = "app:8000", listen: str = "8080") -> st
 
 def build_front_image(tag: str = FRONT_TAG, base: str = BASE_TAG, log=print) -> float:
     """``docker build`` deploy/nginx/Dockerfile with the stack's config. Returns seconds taken."""
-    t0 = time.monotonic()
     context = Path(tempfile.mkdtemp(prefix="heavyapp-front-", dir="/var/tmp"))
     try:
         shutil.copyfile(FRONT_DOCKERFILE, context / "Dockerfile")
         (context / "heavyapp.conf").write_text(front_conf(NGINX_CONF.read_text()))
-        cmd = ["build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(context)]
-        log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
-        with _lock("build"):
-            _build(cmd, tag)
+        return _build(["--build-arg", f"BASE_IMAGE={base}", str(context)], tag, log)
     finally:
         shutil.rmtree(context, ignore_errors=True)
-    return time.monotonic() - t0
 
 
 def build_prometheus_image(tag: str = PROMETHEUS_TAG, base: str = BASE_TAG, log=print) -> float:
     """``docker build`` deploy/swarm/prometheus/Dockerfile (Debian's prometheus). Seconds taken."""
+    return _build(["--build-arg", f"BASE_IMAGE={base}", str(PROMETHEUS_DIR)], tag, log)
+
+
+def _build(args: list[str], tag: str, log) -> float:
+    """``docker build -t tag ARGS`` under the build lock; seconds taken."""
     t0 = time.monotonic()
-    cmd = ["build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(PROMETHEUS_DIR)]
+    cmd = ["build", "-t", tag, *args]
     log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
     with _lock("build"):
-        _build(cmd, tag)
+        previous = image_id(tag)
+        proc = docker(*cmd, check=False, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"docker build failed ({proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
+        if previous and previous != image_id(tag):
+            # our own tag's previous build, now untagged: don't let test runs pile them up
+            docker("rmi", previous, check=False)
     return time.monotonic() - t0
-
-
-def _build(cmd: list[str], tag: str) -> None:
-    previous = image_id(tag)
-    proc = docker(*cmd, check=False, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"docker build failed ({proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    if previous and previous != image_id(tag):
-        # our own tag's previous build, now untagged: don't let test runs pile them up
-        docker("rmi", previous, check=False)
 
 
 def image_id(tag: str) -> str | None:

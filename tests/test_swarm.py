@@ -27,7 +27,7 @@ from harness import swarm
 from harness.nginx import NginxFront, nginx_binary
 from harness.server import REPO, free_port
 from helpers import http_get, poll_until, unavailable
-from loadtest.closedloop import ClosedLoop, Report
+from loadtest.closedloop import Report
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
 
@@ -218,13 +218,7 @@ def test_each_replicas_pool_follows_its_cpu_limit(deployed):
 
 def scenario(stack: swarm.Stack) -> tuple[list[swarm.Phase], Report]:
     """Issue 17's scenario under CLIENTS closed-loop GETs through the front."""
-    loop = ClosedLoop(stack.url, PATH, clients=CLIENTS, duration=600, timeout=30).start()
-    try:
-        loop.wait_for_requests(50, timeout=30)
-        phases = swarm.run_scenario(stack)
-    finally:
-        report = loop.stop()
-    return phases, report
+    return swarm.under_load(stack, PATH, CLIENTS)
 
 
 def describe(stack: swarm.Stack, phases: list[swarm.Phase], report: Report) -> str:
