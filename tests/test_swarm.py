@@ -35,6 +35,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate
 PATH = "/heavy?n=20000"
 CLIENTS = 8
 FULL = os.environ.get("HEAVYAPP_SWARM_FULL") == "1"
+RULES = REPO / "deploy" / "prometheus" / "heavyapp-rules.yaml"
 
 
 def seconds(value: str) -> float:
@@ -289,6 +290,9 @@ def test_prometheus_scrapes_every_task(deployed, base_image):
     try:
         stack.wait_converged(120)
         poll_until(lambda: up_targets(2), 60, "2 app tasks up in Prometheus", 1, ignore=(OSError,))
+        if RULES.exists():  # the kit's alerting rules, when the checkout has them, are loaded
+            _, body, _ = http_get(api.replace("/targets", "/rules"), timeout=5)
+            assert body["data"]["groups"], body
         stack.scale(3)
         stack.wait_converged(60)
         poll_until(lambda: up_targets(3), 60, "3 app tasks up in Prometheus", 1, ignore=(OSError,))
