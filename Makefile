@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := dev,load
 
-.PHONY: venv run test test-newest newest-suite lint experiment load-tools bench clean
+.PHONY: venv run test test-newest newest-suite lint experiment load-tools bench swarm swarm-down clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,17 @@ bench: venv load-tools
 	$(BIN)/python -m bench.clients
 	$(BIN)/python -m bench.native
 	$(BIN)/python -m bench.lifecycle
+	$(BIN)/python -m bench.swarm
+
+# The kit as a Docker swarm stack (deploy/swarm/, docs/deployment.md#swarm): builds the images
+# from local bases, creates a one-node swarm if the engine is in none, deploys the stack
+# "heavyapp", waits until every replica is healthy; the last line is the front's URL.
+# SWARM_PORT (default 8080) is where the front is published. swarm-down removes it all again.
+swarm: venv
+	@$(BIN)/python -m harness.swarm up
+
+swarm-down: venv
+	@$(BIN)/python -m harness.swarm down
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .ruff_cache *.egg-info

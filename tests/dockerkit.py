@@ -5,6 +5,8 @@ Kept apart from the tests so it can be run by hand too:
     python tests/dockerkit.py engine      # start dockerd if it is not running
     python tests/dockerkit.py base        # build (or reuse) the stand-in base image
     python tests/dockerkit.py build       # build the app image on that base
+    python tests/dockerkit.py front       # build the front image (Debian's nginx) on that base
+    python tests/dockerkit.py images      # all three: what deploy/swarm and deploy/compose.yaml run
     python tests/dockerkit.py stop        # stop a dockerd this module started
 
 Why a stand-in base: there is no image registry on the CI machine, so
@@ -34,6 +36,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BASE_TAG = os.environ.get("HEAVYAPP_BASE_IMAGE", "heavyapp-base:bookworm")
 APP_TAG = os.environ.get("HEAVYAPP_TEST_IMAGE", "heavyapp:test")
+FRONT_TAG = os.environ.get("HEAVYAPP_FRONT_TEST_IMAGE", "heavyapp-front:test")
+FRONT_DOCKERFILE = REPO / "deploy" / "nginx" / "Dockerfile"
+PROMETHEUS_TAG = os.environ.get("HEAVYAPP_PROMETHEUS_TEST_IMAGE", "heavyapp-prometheus:test")
+PROMETHEUS_DIR = REPO / "deploy" / "swarm" / "prometheus"
+NGINX_CONF = REPO / "deploy" / "nginx" / "heavyapp.conf"
+# Docker's embedded DNS server, in every container on a user-defined or overlay network.
+DOCKER_DNS = "127.0.0.11"
+# How long the front trusts an answer from it: the longest a task that left stays in rotation
+# (the app's drain window must cover it) and the longest a new task waits for its first request.
+RESOLVE_VALID = "5s"
+# The front's connect timeout to a task (the shipped file's is for a server that is always there).
+CONNECT_TIMEOUT = "2s"
 SUITE = "bookworm"
 BASE_PACKAGES = ["python3", "python3-pip", "python3-venv", "ca-certificates"]
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -126,6 +140,9 @@ def start_engine(timeout: float = 60) -> int | None:
     with open(STATE_DIR / "dockerd.log", "ab") as log:  # the child keeps its own copy of the fd
         proc = subprocess.Popen(
             [dockerd],
+            # Swarm tasks start from the local image: without this the engine asks the registry
+            # for every task it starts (there is none here), and waits for its DNS to give up.
+            env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -371,8 +388,80 @@ def _prepare_rootfs(root: Path) -> None:
 
 def build_app_image(tag: str = APP_TAG, base: str = BASE_TAG, log=print) -> float:
     """``docker build`` the repo's Dockerfile with only the base swapped. Returns seconds taken."""
+    return _build(["--build-arg", f"PYTHON_IMAGE={base}", str(REPO)], tag, log)
+
+
+# --------------------------------------------------------------------------- front image
+
+
+def front_conf(template: str, app: str = "app:8000", listen: str = "8080") -> str:
+    """deploy/nginx/heavyapp.conf as the front of a Compose project or swarm stack runs it.
+
+    The shipped file names its upstream once, in an ``upstream {}`` block, which nginx resolves
+    at start only: a stack whose tasks come and go (new IPs on every update, scale or restart)
+    would keep sending to addresses that left, and nginx refuses to start at all while the app
+    has no task yet. So the block goes and ``proxy_pass`` takes a variable, which nginx resolves
+    per request through Docker's DNS (cached ``RESOLVE_VALID``). The service name resolves to
+    every task (``endpoint_mode: dnsrr``), nginx round-robins over the answers and
+    ``proxy_next_upstream`` retries a failed GET on another task. Everything else (buffering,
+    timeouts, retry rules, error pages) is the shipped file unchanged.
+    """
+    sys.path.insert(0, str(REPO))
+    from harness.nginx import render
+
+    text = render(template, {"HEAVYAPP_LISTEN": listen, "HEAVYAPP_UPSTREAM": app})
+    blocks = re.findall(r"^upstream\s+(\w+)\s*\{.*?^\}\n", text, re.MULTILINE | re.DOTALL)
+    if len(blocks) != 1:
+        raise ValueError(f"{NGINX_CONF.name}: expected one upstream block, found {len(blocks)}")
+    (name,) = blocks
+    text = re.sub(r"^upstream\s+\w+\s*\{.*?^\}\n\n?", "", text, flags=re.MULTILINE | re.DOTALL)
+    passes = re.compile(rf"^(\s*)proxy_pass\s+http://{name}\s*;", re.MULTILINE)
+    if not passes.search(text):
+        raise ValueError(f"{NGINX_CONF.name}: no proxy_pass to the upstream {name}")
+    text = passes.sub(
+        rf"\1# The app's tasks, resolved per request (see the resolver above).\n"
+        rf"\1set $heavyapp_app {app};\n\1proxy_pass http://$heavyapp_app;",
+        text,
+    )
+    # An address that left the network answers nothing (no reset): each try at it costs the
+    # whole connect timeout. Inside a Docker network a connect takes well under a millisecond.
+    connect = re.compile(r"^(\s*)proxy_connect_timeout\s+\S+;", re.MULTILINE)
+    if not connect.search(text):
+        raise ValueError(f"{NGINX_CONF.name}: no proxy_connect_timeout to shorten")
+    text = connect.sub(rf"\1proxy_connect_timeout {CONNECT_TIMEOUT};", text)
+    server = re.compile(r"^server\s*\{\n", re.MULTILINE)
+    if len(server.findall(text)) != 1:
+        raise ValueError(f"{NGINX_CONF.name}: expected one server block")
+    resolver = (
+        "server {\n"
+        "    # Rendered for a Compose project or swarm stack (tests/dockerkit.py front_conf):\n"
+        "    # Docker's DNS, answers trusted for RESOLVE_VALID, IPv4 only (tasks have no AAAA).\n"
+        f"    resolver {DOCKER_DNS} valid={RESOLVE_VALID} ipv6=off;\n"
+        "    resolver_timeout 2s;\n"
+    )
+    return server.sub(lambda _: resolver, text)
+
+
+def build_front_image(tag: str = FRONT_TAG, base: str = BASE_TAG, log=print) -> float:
+    """``docker build`` deploy/nginx/Dockerfile with the stack's config. Returns seconds taken."""
+    context = Path(tempfile.mkdtemp(prefix="heavyapp-front-", dir="/var/tmp"))
+    try:
+        shutil.copyfile(FRONT_DOCKERFILE, context / "Dockerfile")
+        (context / "heavyapp.conf").write_text(front_conf(NGINX_CONF.read_text()))
+        return _build(["--build-arg", f"BASE_IMAGE={base}", str(context)], tag, log)
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+
+
+def build_prometheus_image(tag: str = PROMETHEUS_TAG, base: str = BASE_TAG, log=print) -> float:
+    """``docker build`` deploy/swarm/prometheus/Dockerfile (Debian's prometheus). Seconds taken."""
+    return _build(["--build-arg", f"BASE_IMAGE={base}", str(PROMETHEUS_DIR)], tag, log)
+
+
+def _build(args: list[str], tag: str, log) -> float:
+    """``docker build -t tag ARGS`` under the build lock; seconds taken."""
     t0 = time.monotonic()
-    cmd = ["build", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag, str(REPO)]
+    cmd = ["build", "-t", tag, *args]
     log(f"[dockerkit] DOCKER_BUILDKIT=1 {docker_cli()} " + " ".join(cmd))
     with _lock("build"):
         previous = image_id(tag)
@@ -411,6 +500,16 @@ def main(argv: list[str]) -> int:
         ensure_base_image()
         took = build_app_image()
         print(f"built {APP_TAG} in {took:.1f} s, {image_size_mb(APP_TAG):.0f} MB")
+    elif what == "front":
+        start_engine()
+        took = build_front_image(base=ensure_base_image())
+        print(f"built {FRONT_TAG} in {took:.1f} s, {image_size_mb(FRONT_TAG):.0f} MB")
+    elif what == "images":
+        start_engine()
+        base = ensure_base_image()
+        for tag, build in ((APP_TAG, build_app_image), (FRONT_TAG, build_front_image)):
+            took = build(tag, base)
+            print(f"built {tag} in {took:.1f} s, {image_size_mb(tag):.0f} MB")
     elif what == "stop":
         pidfile = STATE_DIR / "dockerd.pid"
         if pidfile.exists():

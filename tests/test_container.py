@@ -1,8 +1,8 @@
 """The Docker image, built from the repo's Dockerfile and run for real.
 
-A session fixture starts dockerd when none is running (root + docker.io needed), builds a local
-stand-in for ``python:3.12-slim`` once per machine (see tests/dockerkit.py) and builds the app
-image with only the base swapped::
+A session fixture (tests/conftest.py, shared with the Compose and swarm tests) starts dockerd
+when none is running (root + docker.io needed), builds a local stand-in for ``python:3.12-slim``
+once per machine (see tests/dockerkit.py) and builds the app image with only the base swapped::
 
     DOCKER_BUILDKIT=1 docker build \
         --build-arg PYTHON_IMAGE=heavyapp-base:bookworm -t heavyapp:test .
@@ -46,41 +46,12 @@ NOISE = re.compile(
 )
 
 
-def _unavailable(reason: str) -> None:
-    message = f"Docker is not usable here: {reason}"
-    print(message, file=sys.stderr)
-    unavailable(message, "HEAVYAPP_REQUIRE_DOCKER")
-
-
 def wait_for(what: str, probe: Callable[[], object], timeout: float = 30, every: float = 0.1):
     """Poll ``probe`` until truthy; while the container comes up any error means not yet."""
     return poll_until(probe, timeout, what, every, ignore=(Exception,))
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def docker_engine():
-    try:
-        started_pid = dockerkit.start_engine()
-    except dockerkit.DockerUnavailable as exc:
-        _unavailable(str(exc))
-    yield
-    if started_pid:
-        dockerkit.stop_engine(started_pid)
-
-
-@pytest.fixture(scope="session")
-def app_image(docker_engine) -> str:
-    try:
-        base = dockerkit.ensure_base_image(log=lambda m: print(m, file=sys.stderr))
-    except dockerkit.DockerUnavailable as exc:
-        _unavailable(str(exc))
-    seconds = dockerkit.build_app_image(dockerkit.APP_TAG, base)
-    size = dockerkit.image_size_mb(dockerkit.APP_TAG)
-    print(f"\n[container] built {dockerkit.APP_TAG} on {base} in {seconds:.1f} s, {size:.0f} MB")
-    return dockerkit.APP_TAG
 
 
 class Container:

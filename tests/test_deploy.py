@@ -7,19 +7,26 @@ covers Gunicorn's graceful timeout, the uid is the Dockerfile's, the labels line
 
 Compose: deploy/compose.yaml is checked structurally here and by ``docker-compose config -q``
 (Debian bookworm's docker-compose 1.29, which validates against the Compose specification
-schema) or ``docker compose config -q`` where the v2 plugin exists.
+schema) or ``docker compose config -q`` where the v2 plugin exists, and brought up (marker
+``container`` and ``swarm``: the app and the front, on the images built from local bases).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import unavailable
+from harness.server import free_port
+from helpers import http_get, poll_until, unavailable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dockerkit
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
 kubernetes_validate = pytest.importorskip(
@@ -328,3 +335,56 @@ def test_compose_puts_nginx_in_front_with_the_shipped_config():
     assert published.startswith("127.0.0.1:"), "loopback only by default"
     assert published.rsplit(":", 1)[1] == env["HEAVYAPP_LISTEN"]
     assert nginx["depends_on"]["app"]["condition"] == "service_healthy"
+
+
+def compose_cpus() -> int:
+    cpus = compose()["services"]["app"]["cpus"]
+    assert float(cpus) == int(cpus), "whole CPUs: one worker each"
+    return int(cpus)
+
+
+@pytest.mark.container
+@pytest.mark.swarm
+def test_compose_comes_up_with_the_local_images_and_the_pool_matches_cpus(app_image, front_image):
+    """The app and the front from deploy/compose.yaml, on the images built from local bases:
+    the front answers, and the app's pool is ``cpus:`` workers (its CFS quota)."""
+    cli = compose_cli()
+    if cli is None:
+        unavailable(
+            "no docker-compose (apt-get install -y docker-compose)", "HEAVYAPP_REQUIRE_DOCKER"
+        )
+    project = f"heavyapp-compose-test-{os.getpid()}"
+    front_port = free_port()
+    env = {
+        **os.environ,
+        "HEAVYAPP_IMAGE": app_image,
+        "NGINX_IMAGE": front_image,
+        "APP_PORT": str(free_port()),
+        "FRONT_PORT": str(front_port),
+    }
+    base = [*cli, "-f", str(COMPOSE), "-p", project]
+
+    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+
+    try:
+        up = run("up", "-d", "--no-build", "app", "nginx")
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = f"http://127.0.0.1:{front_port}/healthz"
+        status, body, _ = poll_until(
+            lambda: http_get(url, timeout=5), 60, "the front's /healthz", 0.2, ignore=(OSError,)
+        )
+        assert status == 200 and body["status"] == "ok", body
+        (app,) = run("ps", "-q", "app").stdout.split()
+        nano = dockerkit.docker("inspect", "--format", "{{.HostConfig.NanoCpus}}", app).stdout
+        assert int(nano) == compose_cpus() * 10**9
+        pool = dockerkit.docker("exec", app, "heavyctl", "status").stdout
+        workers = compose_cpus()
+        assert re.search(rf"\b{workers}/{workers} workers\b", pool), pool
+        logs = dockerkit.docker("logs", app).stderr
+        assert f"usable {workers} " in logs, logs
+    finally:
+        down = run("down", "-v", "--remove-orphans", timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
