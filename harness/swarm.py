@@ -25,8 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.server import REPO
 from loadtest.closedloop import ClosedLoop, Outcome, Report, fetch
+
+from harness.server import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
 import dockerkit  # tests/dockerkit.py: the engine and the image builds

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from loadtest.closedloop import Report
 
 import dockerkit
 from harness import swarm
 from harness.nginx import NginxFront, nginx_binary
 from harness.server import REPO, free_port
 from helpers import http_get, poll_until, unavailable
-from loadtest.closedloop import Report
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
 
