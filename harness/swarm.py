@@ -25,8 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loadtest.closedloop import ClosedLoop, Outcome, Report, fetch
-
+from harness.closedloop import ClosedLoop, Outcome, Report, fetch
 from harness.server import REPO
 
 sys.path.insert(0, str(REPO / "tests"))

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from loadtest.closedloop import Report
 
 import dockerkit
 from harness import swarm
+from harness.closedloop import Report
 from harness.nginx import NginxFront, nginx_binary
 from harness.server import REPO, free_port
 from helpers import http_get, poll_until, unavailable
