@@ -22,7 +22,7 @@ import requests
 
 from harness.server import GunicornServer
 from helpers import poll_until
-from workers.gates.queue import Codel
+from workers.gates.shedding import Codel
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))
@@ -202,7 +202,7 @@ def test_heavyctl_status_shows_queue_wait_and_shed_counts(start_server: Start) -
 
 
 def feed(codel: Codel, waits: list[tuple[float, float]]) -> list[str | None]:
-    return [codel.verdict(wait, now) for now, wait in waits]
+    return [codel.reason_to_shed(wait, now) for now, wait in waits]
 
 
 def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
@@ -214,9 +214,9 @@ def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
     assert feed(codel, [(0.25, 0.3), (0.35, 0.3), (0.45, 0.2)]) == [None] * 3
     # ... so in the next one a wait above a quarter of the cap is cut, and the cap still holds.
     assert feed(codel, [(0.5, 0.3), (0.55, 0.1), (0.6, 0.6)]) == ["codel", None, "queue-timeout"]
-    assert codel.dropping
+    assert codel.shedding
     # Idle for a whole interval: the queue drained, nothing is cut any more.
-    assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.dropping
+    assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.shedding
 
 
 @pytest.mark.skipif(

@@ -8,8 +8,9 @@ It gives any Flask app served by the kit
 - request counts and latencies by route, and ``GET /metrics`` summed over all workers;
 - ``GET /readyz``, the readiness probe that fails while the worker sheds load.
 
-``HeavyWorker`` calls it on the app it loads, so ``heavyapp`` itself never imports the kit;
-calling it yourself as well changes nothing.
+``HeavyWorker`` calls it on the app it loads, handing over its ``WorkerState`` (readiness and
+the accept queue), so ``heavyapp`` itself never imports the kit; calling it yourself as well
+changes nothing, and outside the kit (no state) the app is always ready.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from flask import Blueprint, Flask, Response, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -32,8 +36,9 @@ from prometheus_client import (
 from werkzeug.exceptions import HTTPException
 
 from workers import crashes
-from workers.gates import queue
+from workers.gates.queue import RETRY_AFTER
 from workers.settings import Settings, worker_id
+from workers.state import WorkerState
 
 log = logging.getLogger("gunicorn.error")
 EXTENSION = "heavyapp-kit"
@@ -53,6 +58,19 @@ LATENCY = Histogram(
 bp = Blueprint("heavyapp_metrics", __name__)
 
 
+@dataclass(frozen=True)
+class Kit:
+    """What ``init_app`` attached: the serving worker's state (None outside the kit), and
+    whether the metrics are summed over worker processes (a metrics directory is set)."""
+
+    state: WorkerState | None
+    multiprocess: bool
+
+
+def _kit() -> Kit:
+    return current_app.extensions[EXTENSION]
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     """The Prometheus text format: reads every worker's file, does no heavy work.
@@ -64,22 +82,43 @@ def metrics() -> Response:
 
 
 def _registry() -> CollectorRegistry:
-    if Settings.from_env().metrics_dir is None:  # outside the kit: this process's metrics only
+    kit = _kit()
+    if not kit.multiprocess:  # outside the kit: this process's metrics only
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(queue.BacklogCollector())
+    if kit.state is not None:
+        registry.register(BacklogCollector(kit.state))
     return registry
+
+
+class BacklogCollector:
+    """``heavyapp_listen_backlog``, read at scrape time by the worker answering ``/metrics``:
+    the accept queue is shared by all workers, so any of them reads the same number, exactly
+    when it is asked for (the master has no periodic hook to sample it)."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "heavyapp_listen_backlog",
+            "Connections waiting in the accept queue now (Gunicorn's get_backlog, TCP_INFO).",
+            value=self.state.backlog(),
+        )
 
 
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
-    """Readiness: 503 while this worker cuts a standing queue (and, like any request, when it
-    waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so Kubernetes takes an overloaded pod out of
-    rotation; ``/healthz`` (liveness) is never shed, so it never restarts one."""
-    if queue.shedding():
-        answer = jsonify(error="overloaded: shedding a standing queue")
-        return answer, 503, {"Retry-After": queue.RETRY_AFTER}
+    """Readiness: 503 while the worker is not ready (``WorkerState.ready``: it sheds load; and,
+    like any request, when it waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so Kubernetes takes an
+    overloaded pod out of rotation; ``/healthz`` (liveness) is never shed, so it never restarts
+    one."""
+    state = _kit().state
+    if state is not None and (why := state.not_ready_because) is not None:
+        return jsonify(error=why), 503, {"Retry-After": RETRY_AFTER}
     return jsonify(status="ready")
 
 
@@ -117,11 +156,13 @@ def _unexpected(exc: Exception) -> tuple[Response, int]:
     return jsonify(error="internal error; the traceback is in the server log"), 500
 
 
-def init_app(app: Flask) -> Flask:
-    """Attach the kit to ``app`` (once; a second call is a no-op)."""
+def init_app(app: Flask, state: WorkerState | None = None) -> Flask:
+    """Attach the kit to ``app`` (once; a second call only hands over ``state`` if given)."""
     if EXTENSION in app.extensions:
+        if state is not None:
+            app.extensions[EXTENSION] = Kit(state, app.extensions[EXTENSION].multiprocess)
         return app
-    app.extensions[EXTENSION] = True
+    app.extensions[EXTENSION] = Kit(state, Settings.from_env().metrics_dir is not None)
     app.before_request(_request_started)
     app.after_request(_request_finished)
     app.register_error_handler(Exception, _unexpected)

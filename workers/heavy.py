@@ -39,19 +39,17 @@ from gunicorn.http.errors import InvalidProxyHeader
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
-from workers.gates import Gate, Refusal, queue
+from workers.gates import Gate, Stop, Stopped, log_access
 from workers.gates.body import BodyRead
-from workers.gates.deadline import (
-    SO_TIMESTAMPNS,
-    DeadlineSocket,
-    Refused,
-    close_promptly,
-    peer_ip,
-)
+from workers.gates.deadline import SO_TIMESTAMPNS, DeadlineSocket, close_promptly, peer_ip
+from workers.gates.departed import ClientGone
 from workers.gates.headwait import HeadWait
+from workers.gates.queue import QueueWait
+from workers.gates.shedding import Codel
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
 from workers.shared.exits import ExitCause
+from workers.state import WorkerState
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Seconds the kernel keeps a connection that sent nothing out of ``accept()``: a real HTTP
@@ -104,15 +102,7 @@ class HeavyWorker(SyncWorker):
         internals.close_connections_with(close_promptly)
         internals.set_listener_options(self.sockets, LISTENER_OPTIONS)
         self.settings = Settings.from_env()
-        # The queue first: a request that already waited too long is refused before any wait
-        # for its head; the departed-client check last, just before the app.
-        self.queue = queue.QueueWait(self.settings.queue_deadline, self.log, self.sockets)
-        self.gates: list[Gate] = [
-            self.queue,
-            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT),
-            queue.ClientGone(),
-        ]
-        self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
+        self.init_gates()
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -134,6 +124,20 @@ class HeavyWorker(SyncWorker):
             # SystemExit to answer the client; keep the exit code an operator expects.
             sys.exit(1)
 
+    def init_gates(self) -> None:
+        """The gates, in order, and the state they share with the app side: the queue first
+        (a request that already waited too long is refused before any wait for its head), the
+        departed-client check last, just before the app."""
+        shedding = Codel(self.settings.queue_deadline)
+        self.state = WorkerState(shedding, self.sockets)
+        self.queue = QueueWait(shedding)
+        self.gates: list[Gate] = [
+            self.queue,
+            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT),
+            ClientGone(),
+        ]
+        self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
+
     def init_signals(self) -> None:
         """Gunicorn's handlers first, then ``faulthandler`` on top: it dumps the traceback of a
         fatal signal (SIGABRT included) and then chains to the handler that was there before."""
@@ -152,7 +156,7 @@ class HeavyWorker(SyncWorker):
         from workers import flask_ext
 
         if isinstance(self.wsgi, Flask):
-            flask_ext.init_app(self.wsgi)
+            flask_ext.init_app(self.wsgi, self.state)
         self.queue.ready()
 
     def retitle(self) -> None:
@@ -163,41 +167,40 @@ class HeavyWorker(SyncWorker):
         client = DeadlineSocket.adopt(client)
         picked = time.monotonic()
         for gate in self.gates:
-            refusal = gate.check(client, addr)
-            if refusal is not None:
-                self.refuse(client, addr, refusal, picked)
+            stop = gate.check(client, addr)
+            if stop is not None:
+                self.stop_at_gate(client, addr, stop, picked)
                 return
         self.notify()  # a slow head must not eat into the request's own time budget
         super().handle(listener, client, addr)
 
-    def refuse(self, client: socket.socket, addr: Any, refusal: Refusal, picked: float) -> None:
-        """Answer for a gate, close without lingering, and give the request its access line."""
-        self.answer(client, refusal)
+    def stop_at_gate(self, client: socket.socket, addr: Any, stop: Stop, picked: float) -> None:
+        """Refuse or drop for a gate, close without lingering, and give the request its
+        access line."""
+        self.answer(client, stop)
         close_promptly(client)
-        if refusal.logged:
-            queue.log_refusal(self.log, refusal, addr, time.monotonic() - picked)
+        if stop.access_status:
+            log_access(self.log, stop, client, addr, time.monotonic() - picked)
 
-    def answer(self, client: socket.socket, refusal: Refusal) -> None:
-        """Write a gate's answer (the client may be gone already: no error of its costs
-        anything)."""
-        if refusal.warning:
-            self.log.warning("%s", refusal.warning)
-        if refusal.status:
+    def answer(self, client: socket.socket, stop: Stop) -> None:
+        """Write a gate's refusal, if it is one (the client may be gone already: no error of
+        its costs anything)."""
+        if stop.warning:
+            self.log.warning("%s", stop.warning)
+        if stop.status:
             with contextlib.suppress(OSError):
-                write_json_error(
-                    client, refusal.status, refusal.reason, refusal.message, refusal.headers
-                )
+                write_json_error(client, stop.status, stop.reason, stop.message, stop.headers)
 
     def handle_error(self, req, client, addr, exc) -> None:
         """A missed deadline or a refused body, raised from Gunicorn's reads: the gate's
         answer, not a 500 (Gunicorn closes the connection after). A bad PROXY v2 header is
         the one parse error Gunicorn 27 answers with a 500: it is the sender's, so a 400."""
-        if isinstance(exc, Refused):
-            self.answer(client, exc.refusal)
+        if isinstance(exc, Stopped):
+            self.answer(client, exc.stop)
         elif isinstance(exc, InvalidProxyHeader):
             message = f"Invalid PROXY protocol header: {exc}"
             warning = f"Invalid request from ip={peer_ip(addr)}: {message}"
-            self.answer(client, Refusal(400, "Bad Request", message, warning=warning))
+            self.answer(client, Stop(400, "Bad Request", message, warning=warning))
         else:
             super().handle_error(req, client, addr, exc)
 

@@ -14,8 +14,8 @@ import socket
 from typing import Any
 
 from workers import gunicorn_internals as internals
-from workers.gates import Refusal
-from workers.gates.deadline import DeadlineSocket, Refused, timed_out
+from workers.gates import Stop, Stopped
+from workers.gates.deadline import DeadlineSocket, timed_out
 
 _CHUNK = 64 * 1024
 
@@ -26,14 +26,14 @@ class BodyRead:
         self.seconds = seconds
 
     def read(self, req: Any, client: socket.socket, ip: str) -> None:
-        """Read ``req``'s body into memory, or raise ``Refused`` (413 or 408); the connection
+        """Read ``req``'s body into memory, or raise ``Stopped`` (413 or 408); the connection
         is left disarmed (blocking) for the app either way."""
         deadline = isinstance(client, DeadlineSocket)
         if deadline:
             client.disarm()  # the head deadline's time is over: the head is parsed
         length = internals.declared_length(req)
         if length is not None and length > self.max_bytes:
-            raise Refused(self.too_large())
+            raise Stopped(self.too_large())
         if length == 0:
             return
         if internals.take_expect_continue(req):
@@ -45,14 +45,14 @@ class BodyRead:
             while chunk := internals.request_body(req).read(_CHUNK):
                 body += chunk
                 if len(body) > self.max_bytes:
-                    raise Refused(self.too_large())
+                    raise Stopped(self.too_large())
         finally:
             if deadline:
                 client.disarm()
         internals.replace_body(req, bytes(body))
 
-    def too_large(self) -> Refusal:
-        return Refusal(
+    def too_large(self) -> Stop:
+        return Stop(
             413,
             "Content Too Large",
             f"request body above {self.max_bytes} bytes (HEAVYAPP_MAX_BODY_BYTES)",

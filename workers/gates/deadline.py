@@ -4,7 +4,7 @@ A gate can wait for bytes without blocking (``poll``), but Gunicorn's parser the
 plain blocking ``recv`` calls: if the client stops half way (or the kernel woke the gate for a
 reason that brought no new bytes), the worker would block until the master kills it. So each
 connection is a ``DeadlineSocket``: once armed, every ``recv`` gets only the time left, and a
-read that would have to wait past the deadline raises ``DeadlineMissed`` (a 408, answered by
+read that would have to wait past the deadline raises ``Stopped`` (a 408, answered by
 ``HeavyWorker.handle_error``) — never a blocked worker. Bytes already there are always read.
 
 Deadlines count from the connection's first byte, as the kernel stamped it (``SO_TIMESTAMPNS``
@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Any
 
-from workers.gates import Refusal
+from workers.gates import Stop, Stopped
 
 #: ``SO_TIMESTAMPNS`` on Linux (asm-generic); Python's socket module has no constant for it.
 SO_TIMESTAMPNS = 35
@@ -28,34 +28,25 @@ _TIMESPEC = struct.Struct("@ll")  # struct timespec: time_t tv_sec, long tv_nsec
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
-class Refused(Exception):
-    """Raised inside Gunicorn's request handling to answer with ``refusal`` instead of the app.
-
-    Not an ``OSError``: the sync worker swallows those; this reaches ``handle_error``."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.message)
-        self.refusal = refusal
-
-
 def peer_ip(addr: Any) -> str:
     """The client's address as the logs name it (a unix socket's peer has no ip)."""
     return addr[0] if isinstance(addr, tuple) else str(addr)
 
 
-def timed_out(what: str, seconds: float, ip: str) -> Refusal:
+def timed_out(what: str, seconds: float, ip: str) -> Stop:
     """The 408 for a client that did not send ``what`` within ``seconds``."""
     message = f"no complete {what} within {seconds:g}s"
-    return Refusal(
-        408, "Request Timeout", message, warning=f"Invalid request from ip={ip}: {message}"
-    )
+    return Stop(408, "Request Timeout", message, warning=f"Invalid request from ip={ip}: {message}")
 
 
 class DeadlineSocket(socket.socket):
     """An accepted connection whose reads end at an armed deadline (monotonic clock)."""
 
     deadline: float | None = None
-    missed: Refusal | None = None
+    missed: Stop | None = None
+    #: Seconds the request waited in the accept queue (the queue gate's measure), for its
+    #: access line; None when unknown.
+    queue_wait: float | None = None
     #: The request's first byte (monotonic clock), or when it was adopted if none came yet.
     started: float = 0.0
 
@@ -67,8 +58,8 @@ class DeadlineSocket(socket.socket):
         sock.started = first_byte_at(sock) or time.monotonic()
         return sock
 
-    def arm(self, deadline: float, missed: Refusal) -> None:
-        """From now on a read that would wait past ``deadline`` raises ``Refused(missed)``."""
+    def arm(self, deadline: float, missed: Stop) -> None:
+        """From now on a read that would wait past ``deadline`` raises ``Stopped(missed)``."""
         self.deadline, self.missed = deadline, missed
 
     def disarm(self) -> None:
@@ -85,10 +76,19 @@ class DeadlineSocket(socket.socket):
             return super().recv(bufsize, flags)
         except (TimeoutError, BlockingIOError):
             assert self.missed is not None
-            raise Refused(self.missed) from None
+            raise Stopped(self.missed) from None
 
 
-def peek(client: socket.socket, size: int = 1) -> tuple[float | None, bytes]:
+#: Enough for the request line of any path worth naming in an access line.
+LINE_PEEK = 1024
+
+
+def request_line(data: bytes) -> str:
+    """The request line among peeked bytes (all of them if no line end is there yet)."""
+    return data.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+
+
+def peek(client: socket.socket, size: int = LINE_PEEK) -> tuple[float | None, bytes]:
     """(kernel receive time of the queued bytes on the ``time.time()`` clock, up to ``size`` of
     those bytes), without waiting or consuming. The time is ``inf`` when nothing arrived yet,
     None when the kernel gave no stamp (``SO_TIMESTAMPNS`` not set on the listener) or the
@@ -115,7 +115,7 @@ def peek(client: socket.socket, size: int = 1) -> tuple[float | None, bytes]:
 def first_byte_at(client: socket.socket) -> float | None:
     """When the connection's first unread byte arrived, on the monotonic clock; None if no byte
     is there yet or the kernel gave no stamp."""
-    arrived, _ = peek(client)
+    arrived, _ = peek(client, 1)
     if arrived is None or arrived == float("inf"):
         return None
     return time.monotonic() - max(time.time() - arrived, 0.0)

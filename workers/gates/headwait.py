@@ -23,7 +23,7 @@ import socket
 import time
 from typing import Any
 
-from workers.gates import Refusal
+from workers.gates import Stop
 from workers.gates.deadline import DeadlineSocket, peer_ip, timed_out
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
@@ -63,7 +63,7 @@ class HeadWait:
         # TLS bytes and a PROXY v2 preamble (which starts with a blank line) hide the head.
         self._enabled = not cfg.is_ssl and cfg.proxy_protocol == "off"
 
-    def check(self, client: socket.socket, addr: Any) -> Refusal | None:
+    def check(self, client: socket.socket, addr: Any) -> Stop | None:
         """A 408 for a client whose head is not whole within the deadline, counted from its
         first byte; else arm the connection so the parser's reads keep to that deadline (also
         where the wait does not apply: a unix socket, a PROXY protocol preamble)."""
