@@ -39,9 +39,10 @@ from gunicorn.http.errors import InvalidProxyHeader
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
+from workers.features import COSTS, DEFER_ACCEPT, Features, listener_options, probe
 from workers.gates import Gate, Stop, Stopped, log_access
 from workers.gates.body import BodyRead
-from workers.gates.deadline import SO_TIMESTAMPNS, DeadlineSocket, close_promptly, peer_ip
+from workers.gates.deadline import DeadlineSocket, close_promptly, peer_ip
 from workers.gates.departed import ClientGone
 from workers.gates.headwait import HeadWait
 from workers.gates.queue import QueueWait
@@ -52,14 +53,6 @@ from workers.shared.exits import ExitCause
 from workers.state import WorkerState
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-#: Seconds the kernel keeps a connection that sent nothing out of ``accept()``: a real HTTP
-#: client speaks first, so an idle connection never wakes a worker in that time.
-DEFER_ACCEPT = 30
-LISTENER_OPTIONS = (
-    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT),
-    (socket.SOL_SOCKET, socket.SO_OOBINLINE, 1),  # urgent data is data: no wake-up, no stall
-    (socket.SOL_SOCKET, SO_TIMESTAMPNS, 1),  # when each request's first byte arrived
-)
 _STACK_FRAMES = 12
 
 
@@ -96,12 +89,19 @@ def write_json_error(
 
 
 class HeavyWorker(SyncWorker):
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """In the master, once at start (and on reload): name each platform feature that is
+        missing here and what is off without it; the workers inherit the probe's answer."""
+        for line in probe().missing():
+            log.warning("heavyapp: %s", line)
+
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         internals.answer_errors_with(write_json_error)
         internals.close_connections_with(close_promptly)
-        internals.set_listener_options(self.sockets, LISTENER_OPTIONS)
         self.settings = Settings.from_env()
+        self.features = self.set_listener_options(probe())
         self.init_gates()
         self.exit_reason = "asked to stop"
         self.retitle()
@@ -124,6 +124,23 @@ class HeavyWorker(SyncWorker):
             # SystemExit to answer the client; keep the exit code an operator expects.
             sys.exit(1)
 
+    def set_listener_options(self, features: Features) -> Features:
+        """Set each listener option that works here; one the listener itself refuses is named
+        in the log and switched off like a missing one (the worker serves without it)."""
+        for feature, level, name, value in listener_options(features):
+            try:
+                internals.set_listener_options(self.sockets, [(level, name, value)])
+            except OSError as exc:
+                features = features.without(feature)
+                self.log.warning(
+                    "worker %s pid=%s: the listener refused an option (%s); %s",
+                    self.heavy.id,
+                    self.pid,
+                    exc,
+                    COSTS[feature],
+                )
+        return features
+
     def init_gates(self) -> None:
         """The gates, in order, and the state they share with the app side: the queue first
         (a request that already waited too long is refused before any wait for its head), the
@@ -131,10 +148,17 @@ class HeavyWorker(SyncWorker):
         shedding = Codel(self.settings.queue_deadline)
         self.state = WorkerState(shedding, self.sockets)
         self.queue = QueueWait(shedding)
+        features = self.features
+        head = HeadWait(
+            self.cfg,
+            self.settings.head_deadline,
+            deferred=DEFER_ACCEPT if features.defer_accept else 0,
+            rdhup=features.rdhup,
+        )
         self.gates: list[Gate] = [
-            self.queue,
-            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT),
-            ClientGone(),
+            *([self.queue] if features.timestamps else []),
+            head,
+            *([ClientGone()] if features.rdhup else []),
         ]
         self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
 
@@ -219,7 +243,11 @@ class HeavyWorker(SyncWorker):
         """Leave gracefully, after the answer is sent, when a recycle is due."""
         if not self.alive and self.nr >= self.max_requests:
             self.recycle(f"max_requests {self.max_requests} reached")
-        elif (cap := self.settings.max_rss_mb) and (rss := resident_mb()) > cap:
+        elif (
+            (cap := self.settings.max_rss_mb)
+            and self.features.proc
+            and (rss := resident_mb()) > cap
+        ):
             self.recycle(f"rss {rss:.0f} MB above HEAVYAPP_MAX_RSS_MB={cap}")
 
     def recycle(self, detail: str) -> None:

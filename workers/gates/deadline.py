@@ -20,10 +20,9 @@ import struct
 import time
 from typing import Any
 
+from workers.features import SO_TIMESTAMPNS
 from workers.gates import Stop, Stopped
 
-#: ``SO_TIMESTAMPNS`` on Linux (asm-generic); Python's socket module has no constant for it.
-SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("@ll")  # struct timespec: time_t tv_sec, long tv_nsec
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 

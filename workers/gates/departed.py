@@ -14,7 +14,8 @@ from typing import Any
 from workers.gates import Stop, metrics
 from workers.gates.deadline import peek, request_line
 
-POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+#: Absent off Linux: ``features.probe`` then switches this gate off (``HeavyWorker``).
+POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 def gone(client: socket.socket, poller: select.poll) -> bool:

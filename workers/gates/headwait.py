@@ -52,12 +52,16 @@ def silent(client: socket.socket) -> bool:
 
 
 class HeadWait:
-    def __init__(self, cfg: Any, seconds: float, deferred: float = 0) -> None:
+    def __init__(self, cfg: Any, seconds: float, deferred: float = 0, rdhup: bool = True) -> None:
         """``deferred``: the listener's ``TCP_DEFER_ACCEPT`` seconds (0 if none). The kernel
         hands over a connection that sent nothing only after that long, so with a deferral
-        past the deadline, a silent connection has missed it already and goes at once."""
+        past the deadline, a silent connection has missed it already and goes at once.
+        ``rdhup``: ``POLLRDHUP`` exists (without it a half-closed client is seen by the parser
+        at the deadline)."""
         self.seconds = seconds
         self.deferred = deferred
+        self._events = select.POLLIN | (select.POLLRDHUP if rdhup else 0)
+        self._closed = select.POLLHUP | select.POLLERR | (select.POLLRDHUP if rdhup else 0)
         # One more byte than Gunicorn accepts: a peek that fills it is the parser's to refuse.
         self._buf = bytearray(largest_head(cfg) + 1)
         # TLS bytes and a PROXY v2 preamble (which starts with a blank line) hide the head.
@@ -92,7 +96,7 @@ class HeadWait:
         seen = 0
         lowered = False
         poller = select.poll()
-        poller.register(client, select.POLLIN | select.POLLRDHUP)
+        poller.register(client, self._events)
         try:
             while True:
                 try:
@@ -111,7 +115,7 @@ class HeadWait:
                 events = poller.poll(max(left * 1000, 1))
                 if not events:
                     return False
-                if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                if events[0][1] & self._closed:
                     return True  # the parser reads what is there, then sees the end
         except OSError:
             return True
