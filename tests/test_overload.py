@@ -22,7 +22,7 @@ import requests
 
 from harness.server import GunicornServer
 from helpers import poll_until
-from workers.gates.shedding import Codel
+from workers.gates.shedding import Shedding
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))
@@ -174,7 +174,7 @@ def test_below_capacity_nothing_is_refused(server: GunicornServer) -> None:
                 assert client.get(f"{server.url}/heavy?n=20000", timeout=10).status_code == 200
     shed = sum(
         metric(server, "heavyapp_shed_total", reason=r)
-        for r in ("queue-timeout", "codel", "client-gone")
+        for r in ("queue-timeout", "queue-growing", "client-gone")
     )
     assert shed == 0
     assert metric(server, "heavyapp_queue_wait_seconds_count") >= 50
@@ -201,22 +201,41 @@ def test_heavyctl_status_shows_queue_wait_and_shed_counts(start_server: Start) -
 # -- the controller alone (a pure function of the waits it sees) -----------------------------
 
 
-def feed(codel: Codel, waits: list[tuple[float, float]]) -> list[str | None]:
-    return [codel.reason_to_shed(wait, now) for now, wait in waits]
+def shedding(cap: float = 0.9) -> Shedding:
+    """Two workers that take 1/30 s a request: the pool serves 60 a second."""
+    policy = Shedding(cap, workers=2)
+    policy.served(1 / 30)
+    return policy
 
 
-def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
-    codel = Codel(0.5)  # target 0.05, shed above 0.125, interval 0.25
-    # A burst: waits up to 0.4 s, but it drains within the window [0, 0.25).
-    burst = [(0.0, 0.0), (0.05, 0.2), (0.1, 0.4), (0.15, 0.3), (0.2, 0.01)]
-    assert feed(codel, burst) == [None] * 5
-    # The window [0.25, 0.5): a standing queue, no request waited less than the target...
-    assert feed(codel, [(0.25, 0.3), (0.35, 0.3), (0.45, 0.2)]) == [None] * 3
-    # ... so in the next one a wait above a quarter of the cap is cut, and the cap still holds.
-    assert feed(codel, [(0.5, 0.3), (0.55, 0.1), (0.6, 0.6)]) == ["codel", None, "queue-timeout"]
-    assert codel.shedding
-    # Idle for a whole interval: the queue drained, nothing is cut any more.
-    assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.shedding
+def feed(policy: Shedding, picks: list[tuple[float, float, int]]) -> list[str | None]:
+    """(now, wait, depth behind) for each request picked up -> why each was refused."""
+    return [policy.reason_to_shed(wait, now, lambda d=depth: d) for now, wait, depth in picks]
+
+
+def test_a_steady_standing_queue_is_never_cut() -> None:
+    """36 closed-loop callers on 60 a second: 0.57 s of queue, arriving as fast as served."""
+    policy = shedding()
+    picks = [(i / 60, 0.57, 34) for i in range(600)]
+    assert feed(policy, picks) == [None] * 600 and not policy.shedding
+
+
+def test_a_growing_queue_is_cut_to_the_target_and_the_cap_always_holds() -> None:
+    policy = shedding()  # target 0.09, interval 0.45
+    # Four times the pool's rate: 240 a second, so depth / wait = 240.
+    growing = [(i / 60, 0.2, 48) for i in range(27)]  # 0.43 s: not yet a whole interval
+    assert feed(policy, growing) == [None] * 27
+    assert feed(policy, [(0.46, 0.2, 48), (0.47, 0.05, 12)]) == ["queue-growing", None]
+    assert policy.shedding  # not ready: /readyz answers 503
+    assert feed(policy, [(0.48, 1.0, 0)]) == ["queue-timeout"]
+    # Arrivals back at the pool's rate: the queue drains, nothing is cut any more.
+    assert feed(policy, [(0.5, 0.2, 12)]) == [None] and not policy.shedding
+
+
+def test_a_short_burst_passes() -> None:
+    policy = shedding()
+    burst = [(t / 100, t / 100, 20) for t in range(10, 40)]  # shorter than the interval
+    assert feed(policy, burst) == [None] * 30
 
 
 @pytest.mark.skipif(
@@ -242,5 +261,7 @@ def test_locust_counts_a_refusal_apart_and_honours_retry_after(
     assert entries["/heavy"]["num_requests"] > 0
     refused = entries["/heavy refused"]["num_requests"]
     assert 0 < refused <= 6 * 5, entries
-    shed = sum(metric(server, "heavyapp_shed_total", reason=r) for r in ("queue-timeout", "codel"))
+    shed = sum(
+        metric(server, "heavyapp_shed_total", reason=r) for r in ("queue-timeout", "queue-growing")
+    )
     assert shed >= refused  # a request still queued when Locust stopped is shed unseen

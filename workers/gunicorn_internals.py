@@ -121,6 +121,13 @@ def declared_length(req: Any) -> int | None:
     return None
 
 
+def bodiless(req: Any) -> bool:
+    """Has the request no body at all (neither a length nor chunked)? Gunicorn gives such a
+    request a ``LengthReader`` of 0 (``Request.set_body_reader``)."""
+    reader = req.body.reader
+    return isinstance(reader, LengthReader) and reader.length == 0
+
+
 def take_expect_continue(req: Any) -> bool:
     """Did the client ask for ``100 Continue``? Cleared, so Gunicorn does not send a second one
     (``wsgi.create`` sends it when ``_expected_100_continue`` is set)."""

@@ -42,17 +42,19 @@ from workers import gunicorn_internals as internals
 from workers.features import COSTS, DEFER_ACCEPT, Features, listener_options, probe
 from workers.gates import Gate, Stop, Stopped, log_access
 from workers.gates.body import BodyRead
-from workers.gates.deadline import DeadlineSocket, close_promptly, peer_ip
+from workers.gates.deadline import DeadlineSocket, FirstLook, close_promptly, peer_ip
 from workers.gates.departed import ClientGone
-from workers.gates.headwait import HeadWait
+from workers.gates.headwait import HeadWait, largest_head
 from workers.gates.queue import QueueWait
-from workers.gates.shedding import Codel
+from workers.gates.shedding import Shedding
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
 from workers.shared.exits import ExitCause
 from workers.state import WorkerState
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: Seconds a gate or the body may take before the worker tells the master it still lives.
+_NOTIFY_AFTER = 1.0
 _STACK_FRAMES = 12
 
 
@@ -145,18 +147,21 @@ class HeavyWorker(SyncWorker):
         """The gates, in order, and the state they share with the app side: the queue first
         (a request that already waited too long is refused before any wait for its head), the
         departed-client check last, just before the app."""
-        shedding = Codel(self.settings.queue_deadline)
-        self.state = WorkerState(shedding, self.sockets)
-        self.queue = QueueWait(shedding)
         features = self.features
+        self.shedding = Shedding(self.settings.queue_deadline, self.cfg.workers)
+        self.state = WorkerState(self.shedding, self.sockets)
+        self.look = FirstLook(largest_head(self.cfg) + 1, features)
+        self.queue = QueueWait(self.shedding, self.look, self.state.backlog)
         head = HeadWait(
             self.cfg,
+            self.look,
             self.settings.head_deadline,
             deferred=DEFER_ACCEPT if features.defer_accept else 0,
             rdhup=features.rdhup,
         )
+        measured = features.timestamps or (features.defer_accept and features.tcp_info)
         self.gates: list[Gate] = [
-            *([self.queue] if features.timestamps else []),
+            *([self.queue] if measured else []),
             head,
             *([ClientGone()] if features.rdhup else []),
         ]
@@ -189,14 +194,20 @@ class HeavyWorker(SyncWorker):
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
         client = DeadlineSocket.adopt(client)
-        picked = time.monotonic()
+        picked = self.look.take(client)
         for gate in self.gates:
             stop = gate.check(client, addr)
             if stop is not None:
                 self.stop_at_gate(client, addr, stop, picked)
                 return
-        self.notify()  # a slow head must not eat into the request's own time budget
+        self.notify_if_waited(picked)  # a slow head must not eat into the request's time
         super().handle(listener, client, addr)
+        self.shedding.served(time.monotonic() - picked)
+
+    def notify_if_waited(self, since: float) -> None:
+        """Tell the master this worker lives, if a gate waited (else the loop just did)."""
+        if time.monotonic() - since > _NOTIFY_AFTER:
+            self.notify()
 
     def stop_at_gate(self, client: socket.socket, addr: Any, stop: Stop, picked: float) -> None:
         """Refuse or drop for a gate, close without lingering, and give the request its
@@ -232,7 +243,7 @@ class HeavyWorker(SyncWorker):
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
         try:
             self.body.read(req, client, peer_ip(addr))  # disarms the head deadline
-            self.notify()  # a slow body must not eat into the request's own time budget
+            self.notify_if_waited(client.started)  # a slow body must not eat into its time
             super().handle_request(listener, req, client, addr)
         finally:
             self.heavy.board.request_finished(self.nr)

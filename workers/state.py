@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from workers import gunicorn_internals as internals
-from workers.gates.shedding import Codel
+from workers.gates.shedding import Shedding
 
 
 class WorkerState:
-    def __init__(self, shedding: Codel, listeners: Sequence[Any]) -> None:
+    def __init__(self, shedding: Shedding, listeners: Sequence[Any]) -> None:
         self.shedding = shedding
         self.listeners = listeners
 
@@ -28,7 +28,7 @@ class WorkerState:
     def not_ready_because(self) -> str | None:
         """Why ``ready`` is False, for ``/readyz``'s answer; None when ready."""
         if self.shedding.shedding:
-            return "overloaded: shedding a standing queue"
+            return "overloaded: shedding a growing queue"
         return None
 
     def backlog(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 from workers import gunicorn_internals as internals
 from workers.gates import Stop, Stopped
-from workers.gates.deadline import DeadlineSocket, timed_out
+from workers.gates.deadline import DeadlineSocket, missed
 
 _CHUNK = 64 * 1024
 
@@ -34,12 +34,12 @@ class BodyRead:
         length = internals.declared_length(req)
         if length is not None and length > self.max_bytes:
             raise Stopped(self.too_large())
-        if length == 0:
+        if length == 0 or internals.bodiless(req):
             return
         if internals.take_expect_continue(req):
             client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         if deadline:
-            client.arm(client.started + self.seconds, timed_out("request body", self.seconds, ip))
+            client.arm(client.started + self.seconds, missed("request body", self.seconds, ip))
         body = bytearray()
         try:
             while chunk := internals.request_body(req).read(_CHUNK):

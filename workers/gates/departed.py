@@ -37,7 +37,7 @@ class ClientGone:
         if not gone(client, self._poll):
             return None
         metrics().shed.labels(reason="client-gone").inc()
-        _, data = peek(client)
+        data = peek(client)
         return Stop(
             0,
             "Client Closed Request",

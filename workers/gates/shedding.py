@@ -1,41 +1,68 @@
-"""The shedding policy: which queued requests the queue gate refuses, per worker.
+"""The shedding policy: refuse only what cannot be served in time.
 
-CoDel's idea (Nichols & Jacobson, "Controlling Queue Delay", 2012) on the accept queue. A burst
-makes a queue that drains by itself; a *standing* queue does not. CoDel tells them apart by the
-minimum wait over an interval: if even the luckiest request of a whole ``interval`` waited more
-than ``target``, the queue is standing, and the worker then sheds every request that waited
-more than ``shed_above``, so the queue drains to that and what is served is served well within
-clients' timeouts. A request that waited more than ``cap`` is refused always. All three follow
-the one setting (``cap``), so a service with slower requests scales them with its queue timeout.
+Two cases, told apart by the queue's trend rather than its length:
+
+- **A request that waited past the cap** (``HEAVYAPP_QUEUE_TIMEOUT``) is refused always
+  (``queue-timeout``): its client has given up, or will before the answer.
+- **A growing queue is cut to the target** (``queue-growing``). The accept queue is FIFO, so the
+  ``depth`` connections behind the request just picked up all arrived while it waited: ``depth /
+  wait`` is the arrival rate over that window, exactly (Little's law on the queue). The pool
+  serves ``workers / service`` requests a second, ``service`` being this worker's measured time
+  per request. Arrivals above ``GROWTH`` times that rate for a whole ``interval`` mean the queue
+  grows without end: from then on every request that waited more than ``target`` is refused,
+  oldest first, until arrivals fall back to the pool's rate. Under overload the queue is thus
+  held near ``target`` (what is served is served fast, and the workers never idle), while a
+  standing but steady queue — a closed loop of callers, each waiting for its answer, arrives
+  exactly as fast as the pool serves — is never cut: its waits are inside the cap, so it is
+  served in time. A burst passes unless it outlasts the interval.
+
+All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
+room for the error of one worker's service time standing for the pool's (workers share CPUs
+with other load) and for the noise of one sample; a rate between the pool's and ``GROWTH``
+times it grows slowly, and the cap bounds it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
-class Codel:
-    def __init__(self, cap: float) -> None:
+#: Arrivals above this multiple of the pool's rate mean a growing queue.
+GROWTH = 1.5
+#: Weight of the newest service time in the running mean (about the last 10 requests).
+_NEWEST = 0.1
+
+
+class Shedding:
+    def __init__(self, cap: float, workers: int) -> None:
         self.cap = cap
-        # Measured (docs/benchmarks.md, bench/overload.py): with an interval of two caps, a
-        # moment of empty queue switched shedding off for a whole second, the queue grew back
-        # to the cap and the median answer took 0.31 s at 4x; half a cap keeps it near 0.16 s
-        # with the same goodput. A target near ``shed_above`` flapped in and out of shedding.
+        self.workers = max(workers, 1)
         self.target = cap / 10
-        self.shed_above = cap / 4
         self.interval = cap / 2
+        #: Mean seconds this worker takes per request it serves (None until one was served).
+        self.service: float | None = None
+        self._growing_since: float | None = None
         self.shedding = False
-        self._window_end = float("-inf")  # before the first request: idle
-        self._window_min = float("inf")
 
-    def reason_to_shed(self, wait: float, now: float) -> str | None:
-        """Why a request that waited ``wait`` s, picked up at ``now``, is refused; or None."""
-        if now >= self._window_end:
-            # A window with no request at all (now past its end by a whole interval): idle.
-            idle = now >= self._window_end + self.interval
-            self.shedding = not idle and self._window_min > self.target
-            self._window_end, self._window_min = now + self.interval, float("inf")
-        self._window_min = min(self._window_min, wait)
+    def served(self, seconds: float) -> None:
+        """A request went through the app in ``seconds`` (pick-up to close)."""
+        mean = self.service
+        self.service = seconds if mean is None else mean + _NEWEST * (seconds - mean)
+
+    def reason_to_shed(self, wait: float, now: float, depth: Callable[[], int]) -> str | None:
+        """Why a request that waited ``wait`` s, picked up at ``now`` (monotonic), is refused;
+        or None. ``depth()`` reads the accept queue behind it (-1: unknown); only asked when
+        the wait is past the target, or while shedding."""
         if wait > self.cap:
             return "queue-timeout"
-        if self.shedding and wait > self.shed_above:
-            return "codel"
-        return None
+        if (wait <= self.target and not self.shedding) or self.service is None:
+            return None
+        rate = self.workers / self.service
+        behind = depth()
+        arrivals = behind / max(wait, 1e-3) if behind >= 0 else 0.0
+        if arrivals <= (GROWTH if not self.shedding else 1.0) * rate:
+            self._growing_since, self.shedding = None, False  # steady, or draining
+            return None
+        if self._growing_since is None:
+            self._growing_since = now
+        self.shedding = now - self._growing_since >= self.interval
+        return "queue-growing" if self.shedding and wait > self.target else None
