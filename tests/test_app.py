@@ -4,6 +4,7 @@ The app stands alone; the client here has the kit's Flask side attached, as a ki
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -118,4 +119,5 @@ def test_the_app_stands_alone_without_the_kit() -> None:
 def test_the_kit_attaches_once() -> None:
     app = create_app(Settings(default_n=1, max_n=10, chaos=False))
     init_app(init_app(app))
-    assert len(app.after_request_funcs[None]) == 1
+    resp = app.test_client().get("/healthz")
+    assert resp.headers.getlist("X-Worker-Pid") == [str(os.getpid())]  # tagged once, not twice

@@ -15,6 +15,7 @@ changes nothing, and outside the kit (no state) the app is always ready.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -122,18 +123,46 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     return jsonify(status="ready")
 
 
-def _request_started() -> None:
-    g.heavyapp_started = time.perf_counter()
+@functools.cache
+def _worker_headers(pid: int, wid: str) -> tuple[tuple[str, str], ...]:
+    """``X-Worker-Pid`` and ``X-Worker-Id`` (made once per process and id)."""
+    return (("X-Worker-Pid", str(pid)), ("X-Worker-Id", wid))
 
 
-def _request_finished(response: Response) -> Response:
-    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    REQUESTS.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-    if "heavyapp_started" in g:
-        LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - g.heavyapp_started)
-    response.headers["X-Worker-Pid"] = str(os.getpid())
-    response.headers["X-Worker-Id"] = worker_id()
-    return response
+class _Counted:
+    """The app's WSGI callable, counted and timed, its answers tagged with the worker.
+
+    A WSGI wrapper (as ``ProxyFix`` is) rather than ``before_request``/``after_request`` hooks:
+    the headers go into the plain list the server gets, the route is read from the request
+    Flask made (``werkzeug.request``, while its context is still open: Flask starts the answer
+    before it pops it), and the time is kept in a local, so the kit's Flask side costs a few
+    microseconds a request, error answers included."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # Still inside Flask's request context: the request it made names the route.
+            self.count(environ.get("werkzeug.request"), status[:3], time.perf_counter() - started)
+            headers.extend(_worker_headers(os.getpid(), worker_id()))
+            return start_response(status, headers, exc_info)
+
+        return self.wsgi_app(environ, start)
+
+    def count(self, req: Any, status: str, seconds: float) -> None:
+        rule = getattr(req, "url_rule", None)
+        endpoint = rule.rule if rule is not None else "unmatched"
+        if (counter := self._requests.get((endpoint, status))) is None:
+            counter = self._requests[endpoint, status] = REQUESTS.labels(endpoint, status)
+        counter.inc()
+        if (latency := self._latency.get(endpoint)) is None:
+            latency = self._latency[endpoint] = LATENCY.labels(endpoint)
+        latency.observe(seconds)
 
 
 def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -163,8 +192,7 @@ def init_app(app: Flask, state: WorkerState | None = None) -> Flask:
             app.extensions[EXTENSION] = Kit(state, app.extensions[EXTENSION].multiprocess)
         return app
     app.extensions[EXTENSION] = Kit(state, Settings.from_env().metrics_dir is not None)
-    app.before_request(_request_started)
-    app.after_request(_request_finished)
+    app.wsgi_app = _Counted(app.wsgi_app)  # type: ignore[method-assign]
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(bp)
     return app

@@ -191,9 +191,13 @@ class HeavyWorker(SyncWorker):
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)
 
-    def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
+    def accept(self, listener: Any) -> None:
+        """``SyncWorker.accept``, the connection made a ``DeadlineSocket`` as it is accepted."""
+        client, addr = internals.accept_as(listener, DeadlineSocket)
+        self.handle(listener, client, addr)
+
+    def handle(self, listener: socket.socket, client: DeadlineSocket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
-        client = DeadlineSocket.adopt(client)
         picked = self.look.take(client)
         for gate in self.gates:
             stop = gate.check(client, addr)

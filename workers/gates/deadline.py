@@ -10,7 +10,7 @@ read that would have to wait past the deadline raises ``Stopped`` (a 408, answer
 
 **The first byte's time** (``FirstLook``, one look at each accepted connection that serves every
 gate). Time a request spent in the accept queue is time its client has had, so deadlines and the
-queue wait count from its first byte, known three ways, the earliest bound winning:
+queue wait count from its first byte, known the first of three ways that works here:
 
 - with ``TCP_DEFER_ACCEPT`` the kernel creates the connection only when its first data segment
   arrives, and stamps that moment as the connection's last send time (no data has been sent on
@@ -70,13 +70,6 @@ class DeadlineSocket(socket.socket):
     #: The request's first byte (monotonic clock), or the first look if unknown.
     started: float = 0.0
 
-    @classmethod
-    def adopt(cls, client: socket.socket) -> DeadlineSocket:
-        """The same connection (same file descriptor) as a ``DeadlineSocket``."""
-        sock = cls(client.family, client.type, client.proto, fileno=client.detach())
-        sock.settimeout(None)
-        return sock
-
     def arm(self, deadline: float, missed: Callable[[], Stop]) -> None:
         """From now on a read that would wait past ``deadline`` raises ``Stopped(missed())``."""
         self.deadline, self.missed = deadline, missed
@@ -107,13 +100,18 @@ class FirstLook:
     def __init__(self, size: int, features: Features) -> None:
         self.buf = bytearray(size)
         self._view = [memoryview(self.buf)]
-        self._ancillary = _ANCILLARY if features.timestamps else 0
         self._tcp_age = features.defer_accept and features.tcp_info
+        # The TCP age is the first byte's time exactly: the receive stamp only where it is not.
+        self._ancillary = _ANCILLARY if features.timestamps and not self._tcp_age else 0
 
     def take(self, sock: DeadlineSocket) -> float:
         """Look; the monotonic time of the look."""
+        ancillary: list[tuple[int, int, bytes]] = []
         try:
-            seen, ancillary, _, _ = sock.recvmsg_into(self._view, self._ancillary, _PEEK)
+            if self._ancillary:
+                seen, ancillary, _, _ = sock.recvmsg_into(self._view, self._ancillary, _PEEK)
+            else:
+                seen = sock.recv_into(self.buf, 0, _PEEK)
         except BlockingIOError:
             seen, ancillary = 0, []
         except OSError:  # not ours to judge: the parser reports it
@@ -129,7 +127,8 @@ class FirstLook:
         return now
 
     def age(self, sock: socket.socket, ancillary: list[tuple[int, int, bytes]]) -> float | None:
-        """Seconds since the first queued byte arrived: the oldest of what the kernel tells."""
+        """Seconds since the first queued byte arrived: the connection's TCP age where it is
+        the first byte's, else the receive stamp's bound."""
         age = None
         for level, kind, raw in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
@@ -141,8 +140,7 @@ class FirstLook:
             except OSError:
                 return age
             if len(info) == _TCP_INFO_LEN:
-                established = _LAST_DATA_SENT.unpack_from(info, 44)[0] / 1000
-                age = established if age is None else max(age, established)
+                return _LAST_DATA_SENT.unpack_from(info, 44)[0] / 1000
         return age
 
     def head(self, sock: DeadlineSocket, limit: int) -> bytes:

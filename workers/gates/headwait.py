@@ -63,24 +63,28 @@ class HeadWait:
     def check(self, client: socket.socket, addr: Any) -> Stop | None:
         """A 408 for a client whose head is not whole within the deadline, counted from its
         first byte; else arm the connection so the parser's reads keep to that deadline (also
-        where the wait does not apply: a unix socket, a PROXY protocol preamble)."""
+        where the wait does not apply: a unix socket, a PROXY protocol preamble) — unless the
+        whole head was there at the first look, the usual case: reading bytes already there
+        never blocks, and the body has a deadline of its own."""
         if not isinstance(client, DeadlineSocket):
             return None
         deadline = client.started + self.seconds
-        if self.applies_to(client):
+        if self.applies_to(addr):
             seen = client.seen
             if self.deferred >= self.seconds and seen == 0:  # silent for the whole deferral
                 return timed_out("request head", self.deferred, peer_ip(addr))
-            whole = seen < 0 or seen == len(self._buf) or self._ends(0, seen)
-            if not whole and not self.arrived(client, deadline, seen):
+            if seen < 0 or seen == len(self._buf) or self._ends(0, seen):
+                return None  # all there (or the parser's to refuse): its reads cannot block
+            if not self.arrived(client, deadline, seen):
                 return timed_out("request head", self.seconds, peer_ip(addr))
         client.arm(deadline, missed("request head", self.seconds, peer_ip(addr)))
         return None
 
-    def applies_to(self, client: socket.socket) -> bool:
-        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's),
-        and only where the plain head is what arrives first."""
-        return self._enabled and client.family in (socket.AF_INET, socket.AF_INET6)
+    def applies_to(self, addr: Any) -> bool:
+        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's;
+        a TCP peer's address is a tuple, a unix socket's a string), and only where the plain
+        head is what arrives first."""
+        return self._enabled and isinstance(addr, tuple)
 
     def arrived(self, client: socket.socket, deadline: float, seen: int) -> bool:
         """True once the head's blank line is in the kernel's buffer, or the parser must read
