@@ -119,6 +119,24 @@ def test_a_request_that_waited_too_long_is_refused_at_once_and_never_reaches_the
     assert metric(server, "heavyapp_queue_wait_seconds_count") >= 3
 
 
+def test_a_trickled_request_that_waited_too_long_is_refused_before_a_worker_waits_on_it(
+    start_server: Start,
+) -> None:
+    """Its bytes trickle in while it queues: the kernel's receive stamp of the coalesced bytes
+    is the latest byte's, but its age counts from the first (the connection's TCP age)."""
+    server = start_server(workers=1, env={"HEAVYAPP_QUEUE_TIMEOUT": "0.3"})
+    with worker_held(server):
+        queued = connect(server, b"POST /heavy HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n")
+        for _ in range(6):  # 0.6 s of trickle, the last byte fresh when the worker comes
+            age(0.1)
+            queued.sendall(b" ")
+    picked = time.monotonic()
+    status, _, body = answer(queued)
+    assert status == 503 and "overloaded" in json.loads(body)["error"]
+    assert time.monotonic() - picked < 1  # refused at once, not after a body deadline
+    assert heavy_served(server) == 0
+
+
 def test_a_client_that_left_before_its_turn_never_reaches_the_app(start_server: Start) -> None:
     server = start_server(workers=1, env={"HEAVYAPP_QUEUE_TIMEOUT": "5"})
     with worker_held(server):
