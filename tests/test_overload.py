@@ -240,20 +240,29 @@ def test_a_steady_standing_queue_is_never_cut() -> None:
 
 def test_a_growing_queue_is_cut_to_the_target_and_the_cap_always_holds() -> None:
     policy = shedding()  # target 0.09, interval 0.45
-    # Four times the pool's rate: 240 a second, so depth / wait = 240.
-    growing = [(i / 60, 0.2, 48) for i in range(27)]  # 0.43 s: not yet a whole interval
+    # Arrivals at five times the pool's rate (depth / wait = 300 a second), 1 s of work queued.
+    growing = [(i / 60, 0.2, 60) for i in range(27)]  # 0.43 s: not yet a whole interval
     assert feed(policy, growing) == [None] * 27
-    assert feed(policy, [(0.46, 0.2, 48), (0.47, 0.05, 12)]) == ["queue-growing", None]
+    assert feed(policy, [(0.46, 0.2, 60), (0.47, 0.05, 12)]) == ["queue-growing", None]
     assert policy.shedding  # not ready: /readyz answers 503
     assert feed(policy, [(0.48, 1.0, 0)]) == ["queue-timeout"]
     # Arrivals back at the pool's rate: the queue drains, nothing is cut any more.
     assert feed(policy, [(0.5, 0.2, 12)]) == [None] and not policy.shedding
 
 
-def test_a_short_burst_passes() -> None:
+def test_a_burst_the_pool_serves_in_time_passes() -> None:
+    """Arrivals far above the rate for a whole second, but 40 requests: 0.67 s of work."""
     policy = shedding()
-    burst = [(t / 100, t / 100, 20) for t in range(10, 40)]  # shorter than the interval
-    assert feed(policy, burst) == [None] * 30
+    burst = [(t / 100, t / 100, 40 - t // 3) for t in range(10, 85)]
+    assert feed(policy, burst) == [None] * 75 and not policy.shedding
+
+
+def test_fast_arrivals_into_a_queue_served_within_the_cap_are_not_cut() -> None:
+    """Callers refused once and back at once look like fast arrivals; while what is queued is
+    less than the cap's worth of work (30 requests: 0.5 s), nothing is cut."""
+    policy = shedding()
+    picks = [(i / 60, 0.2, 30) for i in range(120)]  # depth / wait = 150 a second, for 2 s
+    assert feed(policy, picks) == [None] * 120 and not policy.shedding
 
 
 @pytest.mark.skipif(

@@ -12,7 +12,7 @@ On top of the sync worker, each worker
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
 - lets a connection reach the app only through its gates (``workers/gates/``): a queue wait
-  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and CoDel's cut of a standing queue), the request head
+  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and the cut of a growing queue), the request head
   within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, a client still there, then the whole body read into
   memory within ``HEAVYAPP_BODY_TIMEOUT`` (no read before the app can block past a deadline);
 - keeps idle connections away from it (``TCP_DEFER_ACCEPT``) and closes each connection after

@@ -82,7 +82,7 @@ def metrics() -> SimpleNamespace:
         shed=Counter(
             "heavyapp_shed_total",
             "Requests refused or dropped before the app ran, by reason "
-            "(queue-timeout, codel, client-gone).",
+            "(queue-timeout, queue-growing, client-gone).",
             ["reason"],
         ),
         wait=Histogram(

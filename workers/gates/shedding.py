@@ -4,17 +4,22 @@ Two cases, told apart by the queue's trend rather than its length:
 
 - **A request that waited past the cap** (``HEAVYAPP_QUEUE_TIMEOUT``) is refused always
   (``queue-timeout``): its client has given up, or will before the answer.
-- **A growing queue is cut to the target** (``queue-growing``). The accept queue is FIFO, so the
-  ``depth`` connections behind the request just picked up all arrived while it waited: ``depth /
-  wait`` is the arrival rate over that window, exactly (Little's law on the queue). The pool
-  serves ``workers / service`` requests a second, ``service`` being this worker's measured time
-  per request. Arrivals above ``GROWTH`` times that rate for a whole ``interval`` mean the queue
-  grows without end: from then on every request that waited more than ``target`` is refused,
-  oldest first, until arrivals fall back to the pool's rate. Under overload the queue is thus
-  held near ``target`` (what is served is served fast, and the workers never idle), while a
-  standing but steady queue — a closed loop of callers, each waiting for its answer, arrives
-  exactly as fast as the pool serves — is never cut: its waits are inside the cap, so it is
-  served in time. A burst passes unless it outlasts the interval.
+- **A growing queue is cut to the target** (``queue-growing``). The accept queue is FIFO, so
+  the ``depth`` connections behind the request just picked up all arrived while it waited:
+  ``depth / wait`` is the arrival rate over that window, exactly (Little's law on the queue).
+  The pool serves ``workers / service`` requests a second, ``service`` being this worker's
+  measured time per request. Arrivals above ``GROWTH`` times that rate for a whole
+  ``interval``, with more queued than the pool serves within the cap, mean the queue grows
+  without end: from then on every request that waited more than ``target`` is refused, oldest
+  first, until arrivals fall back to the pool's rate or the queue holds less than ``target``
+  of work.
+
+Under overload the queue is thus held near ``target``: what is served is served fast, and the
+workers never idle. A standing but steady queue — a closed loop of callers, each waiting for its
+answer, arrives exactly as fast as the pool serves — is never cut: its waits are inside the
+cap, so it is served in time. A burst passes unless it outlasts the interval and the cap. Once
+shedding, callers who come straight back when refused keep the arrivals high; the cap on what
+is queued keeps such a loop from starting it below its reach.
 
 All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
 room for the error of one worker's service time standing for the pool's (workers share CPUs
@@ -56,13 +61,24 @@ class Shedding:
             return "queue-timeout"
         if (wait <= self.target and not self.shedding) or self.service is None:
             return None
-        rate = self.workers / self.service
         behind = depth()
-        arrivals = behind / max(wait, 1e-3) if behind >= 0 else 0.0
-        if arrivals <= (GROWTH if not self.shedding else 1.0) * rate:
-            self._growing_since, self.shedding = None, False  # steady, or draining
+        if behind < 0:
+            return None
+        rate = self.workers / self.service
+        arrivals = behind / max(wait, 1e-3)
+        backlog = behind / rate  # how long the newest request in the queue will wait
+        if self.shedding:  # until arrivals fall to the pool's rate or the queue is short
+            growing = arrivals > rate and backlog > self.target
+        else:
+            growing = arrivals > GROWTH * rate
+        if not growing:
+            self._growing_since, self.shedding = None, False
             return None
         if self._growing_since is None:
             self._growing_since = now
-        self.shedding = now - self._growing_since >= self.interval
+        if not self.shedding:
+            # Only a queue that has grown for a whole interval, and that its newest requests
+            # could not wait out within the cap: callers who retry at once when refused must
+            # not keep it going by coming back (a closed loop never grows past its callers).
+            self.shedding = now - self._growing_since >= self.interval and backlog > self.cap
         return "queue-growing" if self.shedding and wait > self.target else None
