@@ -257,6 +257,17 @@ def test_a_burst_the_pool_serves_in_time_passes() -> None:
     assert feed(policy, burst) == [None] * 75 and not policy.shedding
 
 
+def test_shedding_stops_when_the_refused_come_straight_back() -> None:
+    """Callers who ignore Retry-After keep a closed loop's queue as deep as it was: an interval
+    of refusals later, shedding stops."""
+    policy = shedding()  # interval 0.45
+    policy.service = 1 / 10  # misjudged (a starved CPU): the pool seems to serve 20 a second
+    picks = [(i / 60, 0.3, 40) for i in range(90)]  # 1.5 s: 40 deep, arrivals look 133/s
+    reasons = feed(policy, picks)
+    assert "queue-growing" in reasons[27:40]  # shedding began after an interval...
+    assert set(reasons[70:]) == {None} and not policy.shedding  # ...and stopped one later
+
+
 def test_fast_arrivals_into_a_queue_served_within_the_cap_are_not_cut() -> None:
     """Callers refused once and back at once look like fast arrivals; while what is queued is
     less than the cap's worth of work (30 requests: 0.5 s), nothing is cut."""

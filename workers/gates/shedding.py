@@ -19,7 +19,9 @@ workers never idle. A standing but steady queue — a closed loop of callers, ea
 answer, arrives exactly as fast as the pool serves — is never cut: its waits are inside the
 cap, so it is served in time. A burst passes unless it outlasts the interval and the cap. Once
 shedding, callers who come straight back when refused keep the arrivals high; the cap on what
-is queued keeps such a loop from starting it below its reach.
+is queued keeps such a loop from starting it below its reach, and a loop that does start it
+(its service time misjudged, say while other load starves the CPUs) stops it an interval later,
+when the refusals have not made the queue any shorter.
 
 All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
 room for the error of one worker's service time standing for the pool's (workers share CPUs
@@ -46,7 +48,17 @@ class Shedding:
         #: Mean seconds this worker takes per request it serves (None until one was served).
         self.service: float | None = None
         self._growing_since: float | None = None
+        self._shed_from: tuple[float, int] | None = None  # when shedding began, the depth then
+        #: The depth at which shedding last proved futile: only a deeper queue starts it again.
+        self._futile_depth = 0
         self.shedding = False
+
+    def futile(self, now: float, behind: int) -> bool:
+        """Has an interval of shedding left the queue as deep as it was? Then the refused come
+        straight back (a closed loop of callers that ignore ``Retry-After``): refusing more
+        only turns their waits into refusals, so shedding stops (the cap still holds)."""
+        began, depth = self._shed_from or (now, behind)
+        return now - began >= self.interval and behind >= 0.9 * depth
 
     def served(self, seconds: float) -> None:
         """A request went through the app in ``seconds`` (pick-up to close)."""
@@ -60,6 +72,8 @@ class Shedding:
         if wait > self.cap:
             return "queue-timeout"
         if (wait <= self.target and not self.shedding) or self.service is None:
+            if wait <= self.target:
+                self._futile_depth = 0  # the queue drained: a new overload is judged afresh
             return None
         behind = depth()
         if behind < 0:
@@ -69,16 +83,20 @@ class Shedding:
         backlog = behind / rate  # how long the newest request in the queue will wait
         if self.shedding:  # until arrivals fall to the pool's rate or the queue is short
             growing = arrivals > rate and backlog > self.target
+            if growing and self.futile(now, behind):
+                self._futile_depth, growing = behind, False
         else:
-            growing = arrivals > GROWTH * rate
+            growing = arrivals > GROWTH * rate and behind > 1.1 * self._futile_depth
         if not growing:
-            self._growing_since, self.shedding = None, False
+            self._growing_since = self._shed_from = None
+            self.shedding = False
             return None
         if self._growing_since is None:
             self._growing_since = now
         if not self.shedding:
             # Only a queue that has grown for a whole interval, and that its newest requests
-            # could not wait out within the cap: callers who retry at once when refused must
-            # not keep it going by coming back (a closed loop never grows past its callers).
+            # could not wait out within the cap.
             self.shedding = now - self._growing_since >= self.interval and backlog > self.cap
+            if self.shedding:
+                self._shed_from = (now, behind)
         return "queue-growing" if self.shedding and wait > self.target else None
