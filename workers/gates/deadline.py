@@ -170,15 +170,26 @@ LINGER = 0.25
 _MAX_DRAIN = 65536
 
 
+def declares_body(head: bytes) -> bool:
+    """Does a request head announce a body (a non-zero length, or chunks)?"""
+    lowered = head.lower()
+    if b"transfer-encoding:" in lowered:
+        return True
+    _, found, rest = lowered.partition(b"content-length:")
+    return bool(found) and rest.split(b"\n", 1)[0].strip() not in (b"", b"0")
+
+
 def close_promptly(sock: socket.socket) -> None:
     """Close a connection after its answer without waiting on a client that does not close.
 
     Gunicorn's ``util.close_graceful`` (RFC 9112 section 9.6) sends FIN, then reads until the
     client closes, up to 2 s, so unread request bytes do not turn the close into a RST that
     truncates the answer; a client that simply keeps the connection open holds the worker those
-    2 s. Here only bytes already there are drained, and only a client still sending (a refused
-    body, say) gets a short, bounded linger; an idle one is closed at once (a close with nothing
-    unread is a FIN, never a RST).
+    2 s. Here only bytes already there are drained, and only a client that may still be sending
+    (a refused request that declared a body) gets a short, bounded linger; any other is closed
+    at once (a close with nothing unread is a FIN, never a RST). Under overload most refusals
+    are bodiless GETs: waiting for each such client's FIN would cost the workers more than the
+    refusals themselves.
     """
     if isinstance(sock, DeadlineSocket):
         sock.disarm()
@@ -186,16 +197,20 @@ def close_promptly(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER
         drained = 0
+        linger = False
         sock.settimeout(0.0)  # first only what is there
         while drained < _MAX_DRAIN:
             data = sock.recv(4096)
             if not data:
                 break
+            if not drained:  # the unread head of a request a gate refused
+                linger = declares_body(data)
             drained += len(data)
             left = deadline - time.monotonic()
-            if left <= 0:
+            if linger and left > 0:
+                sock.settimeout(left)
+            elif linger:
                 break
-            sock.settimeout(left)
     except OSError:
         pass  # nothing there (BlockingIOError), the linger ended, or the client is gone
     finally:
