@@ -143,16 +143,16 @@ class _Counted:
         self._requests: dict[tuple[str, str], Any] = {}
         self._latency: dict[str, Any] = {}
 
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+    def __call__(self, wsgi: dict[str, Any], start_response: Any) -> Any:
         started = time.perf_counter()
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             # Still inside Flask's request context: the request it made names the route.
-            self.count(environ.get("werkzeug.request"), status[:3], time.perf_counter() - started)
+            self.count(wsgi.get("werkzeug.request"), status[:3], time.perf_counter() - started)
             headers.extend(_worker_headers(os.getpid(), worker_id()))
             return start_response(status, headers, exc_info)
 
-        return self.wsgi_app(environ, start)
+        return self.wsgi_app(wsgi, start)
 
     def count(self, req: Any, status: str, seconds: float) -> None:
         rule = getattr(req, "url_rule", None)

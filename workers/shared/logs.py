@@ -34,11 +34,11 @@ class HeavyLogger(glogging.Logger):
     error_fmt = r"%(asctime)s [%(process)d] [%(worker)s] [%(levelname)s] %(message)s"
     access_fmt = r"%(asctime)s [%(process)d] [%(worker)s] %(message)s"
 
-    def atoms(self, resp, req, environ, request_time) -> dict:
+    def atoms(self, resp, req, wsgi, request_time) -> dict:
         """Gunicorn's atoms, and ``queue_wait_ms`` (for JSON lines, or ``%(queue_wait_ms)s``):
         the queue gate's measure, carried by the request's connection (``gunicorn.socket``)."""
-        atoms = super().atoms(resp, req, environ, request_time)
-        wait = getattr(environ.get("gunicorn.socket"), "queue_wait", None)
+        atoms = super().atoms(resp, req, wsgi, request_time)  # wsgi: the request's environ
+        wait = getattr(wsgi.get("gunicorn.socket"), "queue_wait", None)
         atoms["queue_wait_ms"] = round(wait * 1000, 3) if wait is not None else None
         return atoms
 
