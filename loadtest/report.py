@@ -124,7 +124,7 @@ def overload_side_by_side(results: list[OverloadResult], spec: Overload) -> str:
     return padded(OVERLOAD_HEADERS, overload_rows(results, spec))
 
 
-def verdict(single: RunResult, pool: RunResult) -> str:
+def comparison(single: RunResult, pool: RunResult) -> str:
     """One sentence comparing the runs, in numbers."""
     return (
         f"One worker per core answered {pool.ok_rps:.1f} requests/s correctly and in time, "
@@ -166,7 +166,7 @@ as with the original article's load tester). {sized}
 
 {pipes(HEADERS, table_rows(results))}
 
-{verdict(single, pool)}
+{comparison(single, pool)}
 
 - "not served in time" is every request a user did not get answered correctly within the
   timeout: "failed" (timeouts, errors, wrong answers) plus "refused" (the fast `503` +
