@@ -48,6 +48,16 @@ def external(build: Callable[[int, int], list[str]]) -> Maker:
     return make
 
 
+def dirty_arbiter(port: int, workers: int) -> list[str]:
+    """Gunicorn's own answer to CPU-heavy work: gthread HTTP workers handing the count to as
+    many dirty-arbiter workers (``bench/dirty_peer.py``)."""
+    return [
+        str(BIN / "gunicorn"), "-k", "gthread", "--threads", "4", "-w", str(workers),
+        "--dirty-workers", str(workers), "--dirty-app", "bench.dirty_peer:Counter",
+        "--no-control-socket", "-b", f"127.0.0.1:{port}", "bench.dirty_peer:app",
+    ]  # fmt: skip
+
+
 def granian(port: int, workers: int) -> list[str]:
     return [
         str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import Maker, external, kit, machine, record, stock_gunicorn, table
+from bench.common import Maker, external, kit, machine, record, table
 from harness.lifecycle import Clients, Tally
 from harness.nginx import NGINX_CONF, fronting, lone_server_conf, nginx_binary
-from harness.server import serving
+from harness.server import serving, stock_gunicorn
 
 HEAVY = "/heavy?n=1000000"
 #: Seconds per request per client: 8 clients offer 10 req/s, a fifth of a quiet machine's

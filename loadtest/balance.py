@@ -52,12 +52,13 @@ class WorkerTally:
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def record(self, headers: Mapping[str, str] | None) -> None:
-        """One request: ``headers`` of its answer, or None when there was no answer."""
-        worker_id = headers.get("X-Worker-Id") if headers is not None else None
-        if worker_id is None:
+        """One request: ``headers`` of its answer, or None (or none at all) when there was no
+        answer; an answer that names no worker (a server without the kit) counts as "?"."""
+        if not headers:
             self.counts[(NO_ANSWER, NO_ANSWER)] += 1
         else:
-            self.counts[(worker_id or "?", headers.get("X-Worker-Pid") or "?")] += 1
+            worker = (headers.get("X-Worker-Id") or "?", headers.get("X-Worker-Pid") or "?")
+            self.counts[worker] += 1
 
     def export(self) -> list[list[str | int]]:
         """The counts as plain lists (Locust sends reports to its master as msgpack)."""

@@ -324,10 +324,15 @@ def before_after(
     args: argparse.Namespace, plan: Plan, budget: CpuBudget
 ) -> tuple[Load, list[RunResult]]:
     """One worker's capacity, then the Locust load sized from it on one worker and on the
-    kit's pool in turn."""
+    kit's pool in turn.
+
+    Before is the article's plain single process (stock ``gunicorn -w 1``), not the kit's single
+    worker: the article compares a process as a newcomer runs it against the pool, and the kit's
+    gates would blur it (a single worker that drops departed clients and refuses what waited too
+    long turns timeouts into fast answers, and by Little's law a lower mean latency)."""
     kit, heavy = load_locustfile(), f"/heavy?n={args.heavy_n or HEAVY_N}"
-    say("single process: starting the server (1 worker)")
-    with serving(make_server("single process", args.out, args.port, workers=1)) as single:
+    say("single process: starting gunicorn -w 1 heavyapp:app (the article's plain process)")
+    with serving(make_server("single process", args.out, args.port, stock=1)) as single:
         load = load_from(args, plan, capacity(single, heavy, plan))
         say(
             f"  {load.users} users: {load.users / load.capacity_rps:.2f} s of queue for one "

@@ -53,6 +53,15 @@ class RunResult:
         return self.failures / self.requests if self.requests else 0.0
 
     @property
+    def not_in_time(self) -> int:
+        """Requests not served in time: failed (timeouts, errors, wrong answers) or refused."""
+        return self.failures + self.refused
+
+    @property
+    def not_in_time_ratio(self) -> float:
+        return self.not_in_time / self.requests if self.requests else 0.0
+
+    @property
     def ok_rps(self) -> float:
         """Requests/s that got a correct answer in time: what the users actually received."""
         served = self.requests - self.failures - self.refused

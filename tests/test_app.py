@@ -143,4 +143,5 @@ def test_importing_the_package_builds_no_app_until_asked() -> None:
 def test_the_kit_attaches_once() -> None:
     app = create_app(Settings(default_n=1, max_n=10, chaos=False))
     init_app(init_app(app))
-    assert len(app.after_request_funcs[None]) == 1
+    resp = app.test_client().get("/healthz")
+    assert resp.headers.getlist("X-Worker-Pid") == [str(os.getpid())]  # tagged once, not twice

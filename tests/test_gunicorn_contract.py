@@ -107,6 +107,26 @@ def test_listeners_pass_setsockopt_to_their_socket() -> None:
         listener.close()
 
 
+def test_a_listener_accepts_as_the_kits_socket_class() -> None:
+    """``accept_as`` stands in for ``SyncWorker.accept``: the listener wrapper's ``sock`` and
+    ``FAMILY``; the connection it gives is blocking, of the class asked for."""
+    assert "listener.accept()" in source(sync.SyncWorker.accept)
+    assert "self.accept(listener)" in source(sync.SyncWorker.run_for_one)
+
+    class Mine(socket.socket):
+        pass
+
+    listener = sock.TCPSocket(("127.0.0.1", 0), Config(), Config().logger_class(Config()))
+    try:
+        with socket.create_connection(listener.getsockname()) as peer:
+            client, addr = internals.accept_as(listener, Mine)
+            with client:
+                assert isinstance(client, Mine) and client.getblocking()
+                assert addr == peer.getsockname() and client.family == socket.AF_INET
+    finally:
+        listener.close()
+
+
 def test_the_sync_worker_closes_each_connection_with_util_close_graceful() -> None:
     """``close_connections_with`` replaces the module function the sync worker calls."""
     assert "util.close_graceful(client)" in source(sync.SyncWorker.handle)

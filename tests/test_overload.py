@@ -22,7 +22,7 @@ import requests
 
 from harness.server import GunicornServer
 from helpers import poll_until
-from workers.gates.queue import Codel
+from workers.gates.shedding import Shedding
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))
@@ -119,6 +119,24 @@ def test_a_request_that_waited_too_long_is_refused_at_once_and_never_reaches_the
     assert metric(server, "heavyapp_queue_wait_seconds_count") >= 3
 
 
+def test_a_trickled_request_that_waited_too_long_is_refused_before_a_worker_waits_on_it(
+    start_server: Start,
+) -> None:
+    """Its bytes trickle in while it queues: the kernel's receive stamp of the coalesced bytes
+    is the latest byte's, but its age counts from the first (the connection's TCP age)."""
+    server = start_server(workers=1, env={"HEAVYAPP_QUEUE_TIMEOUT": "0.3"})
+    with worker_held(server):
+        queued = connect(server, b"POST /heavy HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n")
+        for _ in range(6):  # 0.6 s of trickle, the last byte fresh when the worker comes
+            age(0.1)
+            queued.sendall(b" ")
+    picked = time.monotonic()
+    status, _, body = answer(queued)
+    assert status == 503 and "overloaded" in json.loads(body)["error"]
+    assert time.monotonic() - picked < 1  # refused at once, not after a body deadline
+    assert heavy_served(server) == 0
+
+
 def test_a_client_that_left_before_its_turn_never_reaches_the_app(start_server: Start) -> None:
     server = start_server(workers=1, env={"HEAVYAPP_QUEUE_TIMEOUT": "5"})
     with worker_held(server):
@@ -174,7 +192,7 @@ def test_below_capacity_nothing_is_refused(server: GunicornServer) -> None:
                 assert client.get(f"{server.url}/heavy?n=20000", timeout=10).status_code == 200
     shed = sum(
         metric(server, "heavyapp_shed_total", reason=r)
-        for r in ("queue-timeout", "codel", "client-gone")
+        for r in ("queue-timeout", "queue-growing", "client-gone")
     )
     assert shed == 0
     assert metric(server, "heavyapp_queue_wait_seconds_count") >= 50
@@ -201,22 +219,61 @@ def test_heavyctl_status_shows_queue_wait_and_shed_counts(start_server: Start) -
 # -- the controller alone (a pure function of the waits it sees) -----------------------------
 
 
-def feed(codel: Codel, waits: list[tuple[float, float]]) -> list[str | None]:
-    return [codel.verdict(wait, now) for now, wait in waits]
+def shedding(cap: float = 0.9) -> Shedding:
+    """Two workers that take 1/30 s a request: the pool serves 60 a second."""
+    policy = Shedding(cap, workers=2)
+    policy.served(1 / 30)
+    return policy
 
 
-def test_codel_lets_a_burst_pass_and_cuts_a_standing_queue() -> None:
-    codel = Codel(0.5)  # target 0.05, shed above 0.125, interval 0.25
-    # A burst: waits up to 0.4 s, but it drains within the window [0, 0.25).
-    burst = [(0.0, 0.0), (0.05, 0.2), (0.1, 0.4), (0.15, 0.3), (0.2, 0.01)]
-    assert feed(codel, burst) == [None] * 5
-    # The window [0.25, 0.5): a standing queue, no request waited less than the target...
-    assert feed(codel, [(0.25, 0.3), (0.35, 0.3), (0.45, 0.2)]) == [None] * 3
-    # ... so in the next one a wait above a quarter of the cap is cut, and the cap still holds.
-    assert feed(codel, [(0.5, 0.3), (0.55, 0.1), (0.6, 0.6)]) == ["codel", None, "queue-timeout"]
-    assert codel.dropping
-    # Idle for a whole interval: the queue drained, nothing is cut any more.
-    assert feed(codel, [(5.0, 0.3)]) == [None] and not codel.dropping
+def feed(policy: Shedding, picks: list[tuple[float, float, int]]) -> list[str | None]:
+    """(now, wait, depth behind) for each request picked up -> why each was refused."""
+    return [policy.reason_to_shed(wait, now, lambda d=depth: d) for now, wait, depth in picks]
+
+
+def test_a_steady_standing_queue_is_never_cut() -> None:
+    """36 closed-loop callers on 60 a second: 0.57 s of queue, arriving as fast as served."""
+    policy = shedding()
+    picks = [(i / 60, 0.57, 34) for i in range(600)]
+    assert feed(policy, picks) == [None] * 600 and not policy.shedding
+
+
+def test_a_growing_queue_is_cut_to_the_target_and_the_cap_always_holds() -> None:
+    policy = shedding()  # target 0.09, interval 0.45
+    # Arrivals at five times the pool's rate (depth / wait = 300 a second), 1 s of work queued.
+    growing = [(i / 60, 0.2, 60) for i in range(27)]  # 0.43 s: not yet a whole interval
+    assert feed(policy, growing) == [None] * 27
+    assert feed(policy, [(0.46, 0.2, 60), (0.47, 0.05, 12)]) == ["queue-growing", None]
+    assert policy.shedding  # not ready: /readyz answers 503
+    assert feed(policy, [(0.48, 1.0, 0)]) == ["queue-timeout"]
+    # Arrivals back at the pool's rate: the queue drains, nothing is cut any more.
+    assert feed(policy, [(0.5, 0.2, 12)]) == [None] and not policy.shedding
+
+
+def test_a_burst_the_pool_serves_in_time_passes() -> None:
+    """Arrivals far above the rate for a whole second, but 40 requests: 0.67 s of work."""
+    policy = shedding()
+    burst = [(t / 100, t / 100, 40 - t // 3) for t in range(10, 85)]
+    assert feed(policy, burst) == [None] * 75 and not policy.shedding
+
+
+def test_shedding_stops_when_the_refused_come_straight_back() -> None:
+    """Callers who ignore Retry-After keep a closed loop's queue as deep as it was: an interval
+    of refusals later, shedding stops."""
+    policy = shedding()  # interval 0.45
+    policy.service = 1 / 10  # misjudged (a starved CPU): the pool seems to serve 20 a second
+    picks = [(i / 60, 0.3, 40) for i in range(90)]  # 1.5 s: 40 deep, arrivals look 133/s
+    reasons = feed(policy, picks)
+    assert "queue-growing" in reasons[27:40]  # shedding began after an interval...
+    assert set(reasons[70:]) == {None} and not policy.shedding  # ...and stopped one later
+
+
+def test_fast_arrivals_into_a_queue_served_within_the_cap_are_not_cut() -> None:
+    """Callers refused once and back at once look like fast arrivals; while what is queued is
+    less than the cap's worth of work (30 requests: 0.5 s), nothing is cut."""
+    policy = shedding()
+    picks = [(i / 60, 0.2, 30) for i in range(120)]  # depth / wait = 150 a second, for 2 s
+    assert feed(policy, picks) == [None] * 120 and not policy.shedding
 
 
 @pytest.mark.skipif(
@@ -242,5 +299,7 @@ def test_locust_counts_a_refusal_apart_and_honours_retry_after(
     assert entries["/heavy"]["num_requests"] > 0
     refused = entries["/heavy refused"]["num_requests"]
     assert 0 < refused <= 6 * 5, entries
-    shed = sum(metric(server, "heavyapp_shed_total", reason=r) for r in ("queue-timeout", "codel"))
+    shed = sum(
+        metric(server, "heavyapp_shed_total", reason=r) for r in ("queue-timeout", "queue-growing")
+    )
     assert shed >= refused  # a request still queued when Locust stopped is shed unseen

@@ -9,18 +9,23 @@ It gives any Flask app served by the kit
 - ``GET /readyz``, the readiness probe that fails while the worker sheds load or the server
   drains.
 
-``HeavyWorker`` calls it on the app it loads, so ``heavyapp`` itself never imports the kit;
-calling it yourself as well changes nothing.
+``HeavyWorker`` calls it on the app it loads, handing over its ``WorkerState`` (readiness and
+the accept queue), so ``heavyapp`` itself never imports the kit; calling it yourself as well
+changes nothing, and outside the kit (no state) the app is always ready.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from flask import Blueprint, Flask, Response, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -33,10 +38,10 @@ from prometheus_client import (
 from werkzeug.exceptions import HTTPException
 
 from workers import crashes
-from workers.gates import queue
+from workers.gates.queue import RETRY_AFTER
 from workers.master.metrics import PoolCollector
 from workers.settings import Settings, worker_id
-from workers.shared import draining
+from workers.state import WorkerState
 
 log = logging.getLogger("gunicorn.error")
 EXTENSION = "heavyapp-kit"
@@ -56,6 +61,19 @@ LATENCY = Histogram(
 bp = Blueprint("heavyapp_metrics", __name__)
 
 
+@dataclass(frozen=True)
+class Kit:
+    """What ``init_app`` attached: the serving worker's state (None outside the kit), and
+    whether the metrics are summed over worker processes (a metrics directory is set)."""
+
+    state: WorkerState | None
+    multiprocess: bool
+
+
+def _kit() -> Kit:
+    return current_app.extensions[EXTENSION]
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     """The Prometheus text format: reads every worker's file, does no heavy work.
@@ -67,41 +85,88 @@ def metrics() -> Response:
 
 
 def _registry() -> CollectorRegistry:
-    if Settings.from_env().metrics_dir is None:  # outside the kit: this process's metrics only
+    kit = _kit()
+    if not kit.multiprocess:  # outside the kit: this process's metrics only
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(queue.BacklogCollector())
+    if kit.state is not None:
+        registry.register(BacklogCollector(kit.state))
     registry.register(PoolCollector())
     return registry
 
 
+class BacklogCollector:
+    """``heavyapp_listen_backlog``, read at scrape time by the worker answering ``/metrics``:
+    the accept queue is shared by all workers, so any of them reads the same number, exactly
+    when it is asked for (the master has no periodic hook to sample it)."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "heavyapp_listen_backlog",
+            "Connections waiting in the accept queue now (Gunicorn's get_backlog, TCP_INFO).",
+            value=self.state.backlog(),
+        )
+
+
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
-    """Readiness: 503 while this worker cuts a standing queue (and, like any request, when it
-    waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so Kubernetes takes an overloaded pod out of
-    rotation; ``/healthz`` (liveness) is never shed, so it never restarts one. 503 too from the
-    moment the master begins a graceful stop (``workers/master/drain.py``)."""
-    if draining.draining(Settings.from_env().run_dir()):
-        return jsonify(error="draining: the server is stopping"), 503, {"Retry-After": "1"}
-    if queue.shedding():
-        answer = jsonify(error="overloaded: shedding a standing queue")
-        return answer, 503, {"Retry-After": queue.RETRY_AFTER}
+    """Readiness: 503 while the worker is not ready (``WorkerState.not_ready_because``: its
+    master has begun a graceful stop, ``workers/master/drain.py``, or it sheds load; and, like
+    any request, when it waited past ``HEAVYAPP_QUEUE_TIMEOUT``), so a balancer or Kubernetes
+    takes the instance out of rotation; ``/healthz`` (liveness) is never shed, so it never
+    restarts one."""
+    state = _kit().state
+    if state is not None and (why := state.not_ready_because) is not None:
+        return jsonify(error=why), 503, {"Retry-After": RETRY_AFTER}
     return jsonify(status="ready")
 
 
-def _request_started() -> None:
-    g.heavyapp_started = time.perf_counter()
+@functools.cache
+def _worker_headers(pid: int, wid: str) -> tuple[tuple[str, str], ...]:
+    """``X-Worker-Pid`` and ``X-Worker-Id`` (made once per process and id)."""
+    return (("X-Worker-Pid", str(pid)), ("X-Worker-Id", wid))
 
 
-def _request_finished(response: Response) -> Response:
-    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    REQUESTS.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-    if "heavyapp_started" in g:
-        LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - g.heavyapp_started)
-    response.headers["X-Worker-Pid"] = str(os.getpid())
-    response.headers["X-Worker-Id"] = worker_id()
-    return response
+class _Counted:
+    """The app's WSGI callable, counted and timed, its answers tagged with the worker.
+
+    A WSGI wrapper (as ``ProxyFix`` is) rather than ``before_request``/``after_request`` hooks:
+    the headers go into the plain list the server gets, the route is read from the request
+    Flask made (``werkzeug.request``, while its context is still open: Flask starts the answer
+    before it pops it), and the time is kept in a local, so the kit's Flask side costs a few
+    microseconds a request, error answers included."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def __call__(self, wsgi: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # Still inside Flask's request context: the request it made names the route.
+            self.count(wsgi.get("werkzeug.request"), status[:3], time.perf_counter() - started)
+            headers.extend(_worker_headers(os.getpid(), worker_id()))
+            return start_response(status, headers, exc_info)
+
+        return self.wsgi_app(wsgi, start)
+
+    def count(self, req: Any, status: str, seconds: float) -> None:
+        rule = getattr(req, "url_rule", None)
+        endpoint = rule.rule if rule is not None else "unmatched"
+        if (counter := self._requests.get((endpoint, status))) is None:
+            counter = self._requests[endpoint, status] = REQUESTS.labels(endpoint, status)
+        counter.inc()
+        if (latency := self._latency.get(endpoint)) is None:
+            latency = self._latency[endpoint] = LATENCY.labels(endpoint)
+        latency.observe(seconds)
 
 
 def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -124,13 +189,14 @@ def _unexpected(exc: Exception) -> tuple[Response, int]:
     return jsonify(error="internal error; the traceback is in the server log"), 500
 
 
-def init_app(app: Flask) -> Flask:
-    """Attach the kit to ``app`` (once; a second call is a no-op)."""
+def init_app(app: Flask, state: WorkerState | None = None) -> Flask:
+    """Attach the kit to ``app`` (once; a second call only hands over ``state`` if given)."""
     if EXTENSION in app.extensions:
+        if state is not None:
+            app.extensions[EXTENSION] = Kit(state, app.extensions[EXTENSION].multiprocess)
         return app
-    app.extensions[EXTENSION] = True
-    app.before_request(_request_started)
-    app.after_request(_request_finished)
+    app.extensions[EXTENSION] = Kit(state, Settings.from_env().metrics_dir is not None)
+    app.wsgi_app = _Counted(app.wsgi_app)  # type: ignore[method-assign]
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(bp)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -128,6 +129,21 @@ def set_listener_options(listeners: Iterable[Any], options: Iterable[tuple[int, 
                 listener.setsockopt(level, name, value)
 
 
+def accept_as(listener: Any, cls: type[socket.socket]) -> tuple[socket.socket, Any]:
+    """Accept a connection on one of ``Worker.sockets`` as a ``cls`` socket, blocking.
+
+    ``SyncWorker.accept`` accepts a plain socket and then makes it blocking and close-on-exec
+    (four ``fcntl`` calls); the kit wants its own socket class, so it accepts the descriptor
+    itself (``accept4`` makes it close-on-exec already). Gunicorn's listener wrappers pass
+    unknown attributes to the socket and name its family in ``FAMILY``.
+    """
+    fd, addr = listener.sock._accept()
+    client = cls(listener.FAMILY, socket.SOCK_STREAM, 0, fileno=fd)
+    if not sys.platform.startswith("linux"):  # BSDs hand over the listener's non-blocking flag
+        client.setblocking(True)
+    return client, addr
+
+
 def close_connections_with(closer: Callable[[Any], None]) -> None:
     """Make the sync worker close each connection with ``closer``.
 
@@ -144,6 +160,13 @@ def declared_length(req: Any) -> int | None:
         if name == "CONTENT-LENGTH":
             return int(value)
     return None
+
+
+def bodiless(req: Any) -> bool:
+    """Has the request no body at all (neither a length nor chunked)? Gunicorn gives such a
+    request a ``LengthReader`` of 0 (``Request.set_body_reader``)."""
+    reader = req.body.reader
+    return isinstance(reader, LengthReader) and reader.length == 0
 
 
 def take_expect_continue(req: Any) -> bool:

@@ -12,7 +12,7 @@ On top of the sync worker, each worker
 - logs the stack of a request killed by Gunicorn's timeout, before it goes;
 - recycles itself after a request that left it above ``HEAVYAPP_MAX_RSS_MB``;
 - lets a connection reach the app only through its gates (``workers/gates/``): a queue wait
-  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and CoDel's cut of a standing queue), the request head
+  within ``HEAVYAPP_QUEUE_TIMEOUT`` (and the cut of a growing queue), the request head
   within ``HEAVYAPP_HEAD_TIMEOUT`` seconds, a client still there, then the whole body read into
   memory within ``HEAVYAPP_BODY_TIMEOUT`` (no read before the app can block past a deadline);
 - keeps idle connections away from it (``TCP_DEFER_ACCEPT``) and closes each connection after
@@ -39,29 +39,22 @@ from gunicorn.http.errors import InvalidProxyHeader
 from gunicorn.workers.sync import SyncWorker
 
 from workers import gunicorn_internals as internals
-from workers.gates import Gate, Refusal, queue
+from workers.features import COSTS, DEFER_ACCEPT, Features, listener_options, probe
+from workers.gates import Gate, Stop, Stopped, log_access
 from workers.gates.body import BodyRead
-from workers.gates.deadline import (
-    SO_TIMESTAMPNS,
-    DeadlineSocket,
-    Refused,
-    close_promptly,
-    peer_ip,
-)
-from workers.gates.headwait import HeadWait
+from workers.gates.deadline import DeadlineSocket, FirstLook, close_promptly, peer_ip
+from workers.gates.departed import ClientGone
+from workers.gates.headwait import HeadWait, largest_head
+from workers.gates.queue import QueueWait
+from workers.gates.shedding import Shedding
 from workers.settings import Settings, worker_id
 from workers.shared import lastwords, titles
 from workers.shared.exits import ExitCause
+from workers.state import WorkerState
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-#: Seconds the kernel keeps a connection that sent nothing out of ``accept()``: a real HTTP
-#: client speaks first, so an idle connection never wakes a worker in that time.
-DEFER_ACCEPT = 30
-LISTENER_OPTIONS = (
-    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT),
-    (socket.SOL_SOCKET, socket.SO_OOBINLINE, 1),  # urgent data is data: no wake-up, no stall
-    (socket.SOL_SOCKET, SO_TIMESTAMPNS, 1),  # when each request's first byte arrived
-)
+#: Seconds a gate or the body may take before the worker tells the master it still lives.
+_NOTIFY_AFTER = 1.0
 _STACK_FRAMES = 12
 
 
@@ -98,21 +91,20 @@ def write_json_error(
 
 
 class HeavyWorker(SyncWorker):
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """In the master, once at start (and on reload): name each platform feature that is
+        missing here and what is off without it; the workers inherit the probe's answer."""
+        for line in probe().missing():
+            log.warning("heavyapp: %s", line)
+
     def init_process(self) -> None:
         """Runs in the child, after ``post_fork``: set up the forensics, then serve."""
         internals.answer_errors_with(write_json_error)
         internals.close_connections_with(close_promptly)
-        internals.set_listener_options(self.sockets, LISTENER_OPTIONS)
         self.settings = Settings.from_env()
-        # The queue first: a request that already waited too long is refused before any wait
-        # for its head; the departed-client check last, just before the app.
-        self.queue = queue.QueueWait(self.settings.queue_deadline, self.log, self.sockets)
-        self.gates: list[Gate] = [
-            self.queue,
-            HeadWait(self.cfg, self.settings.head_deadline, deferred=DEFER_ACCEPT),
-            queue.ClientGone(),
-        ]
-        self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
+        self.features = self.set_listener_options(probe())
+        self.init_gates()
         self.exit_reason = "asked to stop"
         self.retitle()
         try:
@@ -134,6 +126,47 @@ class HeavyWorker(SyncWorker):
             # SystemExit to answer the client; keep the exit code an operator expects.
             sys.exit(1)
 
+    def set_listener_options(self, features: Features) -> Features:
+        """Set each listener option that works here; one the listener itself refuses is named
+        in the log and switched off like a missing one (the worker serves without it)."""
+        for feature, level, name, value in listener_options(features):
+            try:
+                internals.set_listener_options(self.sockets, [(level, name, value)])
+            except OSError as exc:
+                features = features.without(feature)
+                self.log.warning(
+                    "worker %s pid=%s: the listener refused an option (%s); %s",
+                    self.heavy.id,
+                    self.pid,
+                    exc,
+                    COSTS[feature],
+                )
+        return features
+
+    def init_gates(self) -> None:
+        """The gates, in order, and the state they share with the app side: the queue first
+        (a request that already waited too long is refused before any wait for its head), the
+        departed-client check last, just before the app."""
+        features = self.features
+        self.shedding = Shedding(self.settings.queue_deadline, self.cfg.workers)
+        self.state = WorkerState(self.shedding, self.sockets, self.settings.run_dir())
+        self.look = FirstLook(largest_head(self.cfg) + 1, features)
+        self.queue = QueueWait(self.shedding, self.look, self.state.backlog)
+        head = HeadWait(
+            self.cfg,
+            self.look,
+            self.settings.head_deadline,
+            deferred=DEFER_ACCEPT if features.defer_accept else 0,
+            rdhup=features.rdhup,
+        )
+        measured = features.timestamps or (features.defer_accept and features.tcp_info)
+        self.gates: list[Gate] = [
+            *([self.queue] if measured else []),
+            head,
+            *([ClientGone()] if features.rdhup else []),
+        ]
+        self.body = BodyRead(self.settings.max_body_bytes, self.settings.body_deadline)
+
     def init_signals(self) -> None:
         """Gunicorn's handlers first, then ``faulthandler`` on top: it dumps the traceback of a
         fatal signal (SIGABRT included) and then chains to the handler that was there before."""
@@ -152,52 +185,61 @@ class HeavyWorker(SyncWorker):
         from workers import flask_ext
 
         if isinstance(self.wsgi, Flask):
-            flask_ext.init_app(self.wsgi)
+            flask_ext.init_app(self.wsgi, self.state)
         self.queue.ready()
 
     def retitle(self) -> None:
         titles.serving(self.heavy.id, self.pid, self.nr)
 
-    def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
+    def accept(self, listener: Any) -> None:
+        """``SyncWorker.accept``, the connection made a ``DeadlineSocket`` as it is accepted."""
+        client, addr = internals.accept_as(listener, DeadlineSocket)
+        self.handle(listener, client, addr)
+
+    def handle(self, listener: socket.socket, client: DeadlineSocket, addr: Any) -> None:
         """Serve a connection once it has passed every gate (``workers/gates/``)."""
-        client = DeadlineSocket.adopt(client)
-        picked = time.monotonic()
+        picked = self.look.take(client)
         for gate in self.gates:
-            refusal = gate.check(client, addr)
-            if refusal is not None:
-                self.refuse(client, addr, refusal, picked)
+            stop = gate.check(client, addr)
+            if stop is not None:
+                self.stop_at_gate(client, addr, stop, picked)
                 return
-        self.notify()  # a slow head must not eat into the request's own time budget
+        self.notify_if_waited(picked)  # a slow head must not eat into the request's time
         super().handle(listener, client, addr)
+        self.shedding.served(time.monotonic() - picked)
 
-    def refuse(self, client: socket.socket, addr: Any, refusal: Refusal, picked: float) -> None:
-        """Answer for a gate, close without lingering, and give the request its access line."""
-        self.answer(client, refusal)
+    def notify_if_waited(self, since: float) -> None:
+        """Tell the master this worker lives, if a gate waited (else the loop just did)."""
+        if time.monotonic() - since > _NOTIFY_AFTER:
+            self.notify()
+
+    def stop_at_gate(self, client: socket.socket, addr: Any, stop: Stop, picked: float) -> None:
+        """Refuse or drop for a gate, close without lingering, and give the request its
+        access line."""
+        self.answer(client, stop)
         close_promptly(client)
-        if refusal.logged:
-            queue.log_refusal(self.log, refusal, addr, time.monotonic() - picked)
+        if stop.access_status:
+            log_access(self.log, stop, client, addr, time.monotonic() - picked)
 
-    def answer(self, client: socket.socket, refusal: Refusal) -> None:
-        """Write a gate's answer (the client may be gone already: no error of its costs
-        anything)."""
-        if refusal.warning:
-            self.log.warning("%s", refusal.warning)
-        if refusal.status:
+    def answer(self, client: socket.socket, stop: Stop) -> None:
+        """Write a gate's refusal, if it is one (the client may be gone already: no error of
+        its costs anything)."""
+        if stop.warning:
+            self.log.warning("%s", stop.warning)
+        if stop.status:
             with contextlib.suppress(OSError):
-                write_json_error(
-                    client, refusal.status, refusal.reason, refusal.message, refusal.headers
-                )
+                write_json_error(client, stop.status, stop.reason, stop.message, stop.headers)
 
     def handle_error(self, req, client, addr, exc) -> None:
         """A missed deadline or a refused body, raised from Gunicorn's reads: the gate's
         answer, not a 500 (Gunicorn closes the connection after). A bad PROXY v2 header is
         the one parse error Gunicorn 27 answers with a 500: it is the sender's, so a 400."""
-        if isinstance(exc, Refused):
-            self.answer(client, exc.refusal)
+        if isinstance(exc, Stopped):
+            self.answer(client, exc.stop)
         elif isinstance(exc, InvalidProxyHeader):
             message = f"Invalid PROXY protocol header: {exc}"
             warning = f"Invalid request from ip={peer_ip(addr)}: {message}"
-            self.answer(client, Refusal(400, "Bad Request", message, warning=warning))
+            self.answer(client, Stop(400, "Bad Request", message, warning=warning))
         else:
             super().handle_error(req, client, addr, exc)
 
@@ -205,7 +247,7 @@ class HeavyWorker(SyncWorker):
         self.heavy.board.request_started(self.nr + 1, req.method, req.uri)
         try:
             self.body.read(req, client, peer_ip(addr))  # disarms the head deadline
-            self.notify()  # a slow body must not eat into the request's own time budget
+            self.notify_if_waited(client.started)  # a slow body must not eat into its time
             super().handle_request(listener, req, client, addr)
         finally:
             self.heavy.board.request_finished(self.nr)
@@ -216,7 +258,11 @@ class HeavyWorker(SyncWorker):
         """Leave gracefully, after the answer is sent, when a recycle is due."""
         if not self.alive and self.nr >= self.max_requests:
             self.recycle(f"max_requests {self.max_requests} reached")
-        elif (cap := self.settings.max_rss_mb) and (rss := resident_mb()) > cap:
+        elif (
+            (cap := self.settings.max_rss_mb)
+            and self.features.proc
+            and (rss := resident_mb()) > cap
+        ):
             self.recycle(f"rss {rss:.0f} MB above HEAVYAPP_MAX_RSS_MB={cap}")
 
     def recycle(self, detail: str) -> None:

@@ -221,8 +221,9 @@ class Settings:
         "HEAVYAPP_QUEUE_TIMEOUT",
         None,
         "seconds a request may wait for a worker (kernel-timed, from its first bytes' arrival) "
-        "before it is answered 503 with `Retry-After` instead of being served; under a standing "
-        "queue the worker sheds earlier (a quarter of this); must be below `TIMEOUT`. 2 s: past "
+        "before it is answered 503 with `Retry-After` instead of being served; while the queue "
+        "grows (arrivals above the pool's rate) the worker refuses earlier, holding waits near "
+        "a tenth of this; set it below your clients' timeout; must be below `TIMEOUT`. 2 s: past "
         "most users' patience, and 50 requests of 40 ms ahead of it per worker, a standing queue, "
         "not a burst; for requests of seconds, ten times the usual request or more",
         kind="seconds",

@@ -14,8 +14,8 @@ import socket
 from typing import Any
 
 from workers import gunicorn_internals as internals
-from workers.gates import Refusal
-from workers.gates.deadline import DeadlineSocket, Refused, timed_out
+from workers.gates import Stop, Stopped
+from workers.gates.deadline import DeadlineSocket, missed
 
 _CHUNK = 64 * 1024
 
@@ -26,33 +26,33 @@ class BodyRead:
         self.seconds = seconds
 
     def read(self, req: Any, client: socket.socket, ip: str) -> None:
-        """Read ``req``'s body into memory, or raise ``Refused`` (413 or 408); the connection
+        """Read ``req``'s body into memory, or raise ``Stopped`` (413 or 408); the connection
         is left disarmed (blocking) for the app either way."""
         deadline = isinstance(client, DeadlineSocket)
         if deadline:
             client.disarm()  # the head deadline's time is over: the head is parsed
         length = internals.declared_length(req)
         if length is not None and length > self.max_bytes:
-            raise Refused(self.too_large())
-        if length == 0:
+            raise Stopped(self.too_large())
+        if length == 0 or internals.bodiless(req):
             return
         if internals.take_expect_continue(req):
             client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         if deadline:
-            client.arm(client.started + self.seconds, timed_out("request body", self.seconds, ip))
+            client.arm(client.started + self.seconds, missed("request body", self.seconds, ip))
         body = bytearray()
         try:
             while chunk := internals.request_body(req).read(_CHUNK):
                 body += chunk
                 if len(body) > self.max_bytes:
-                    raise Refused(self.too_large())
+                    raise Stopped(self.too_large())
         finally:
             if deadline:
                 client.disarm()
         internals.replace_body(req, bytes(body))
 
-    def too_large(self) -> Refusal:
-        return Refusal(
+    def too_large(self) -> Stop:
+        return Stop(
             413,
             "Content Too Large",
             f"request body above {self.max_bytes} bytes (HEAVYAPP_MAX_BODY_BYTES)",

@@ -23,8 +23,8 @@ import socket
 import time
 from typing import Any
 
-from workers.gates import Refusal
-from workers.gates.deadline import DeadlineSocket, peer_ip, timed_out
+from workers.gates import Stop
+from workers.gates.deadline import DeadlineSocket, FirstLook, missed, peer_ip, timed_out
 
 # Gunicorn's own defaults for a limit set to 0 (gunicorn/http/message.py).
 _MAX_HEADERS, _FIELD_SIZE, _UNLIMITED_LINE = 32768, 8190, 1024 * 1024
@@ -40,59 +40,59 @@ def largest_head(cfg: Any) -> int:
     return line + 2 + fields * (size + 2) + 4
 
 
-def silent(client: socket.socket) -> bool:
-    """Has the client sent nothing at all (not even its end of stream)?"""
-    try:
-        client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 class HeadWait:
-    def __init__(self, cfg: Any, seconds: float, deferred: float = 0) -> None:
+    def __init__(
+        self, cfg: Any, look: FirstLook, seconds: float, deferred: float = 0, rdhup: bool = True
+    ) -> None:
         """``deferred``: the listener's ``TCP_DEFER_ACCEPT`` seconds (0 if none). The kernel
         hands over a connection that sent nothing only after that long, so with a deferral
-        past the deadline, a silent connection has missed it already and goes at once."""
+        past the deadline, a silent connection has missed it already and goes at once.
+        ``rdhup``: ``POLLRDHUP`` exists (without it a half-closed client is seen by the parser
+        at the deadline)."""
         self.seconds = seconds
         self.deferred = deferred
-        # One more byte than Gunicorn accepts: a peek that fills it is the parser's to refuse.
-        self._buf = bytearray(largest_head(cfg) + 1)
+        self._events = select.POLLIN | (select.POLLRDHUP if rdhup else 0)
+        self._closed = select.POLLHUP | select.POLLERR | (select.POLLRDHUP if rdhup else 0)
+        # One more byte than Gunicorn accepts (``largest_head``): a peek that fills it is the
+        # parser's to refuse. The first look filled it already; a wait peeks into it again.
+        self._buf = look.buf
+        self._poll = select.poll()
         # TLS bytes and a PROXY v2 preamble (which starts with a blank line) hide the head.
         self._enabled = not cfg.is_ssl and cfg.proxy_protocol == "off"
 
-    def check(self, client: socket.socket, addr: Any) -> Refusal | None:
+    def check(self, client: socket.socket, addr: Any) -> Stop | None:
         """A 408 for a client whose head is not whole within the deadline, counted from its
         first byte; else arm the connection so the parser's reads keep to that deadline (also
-        where the wait does not apply: a unix socket, a PROXY protocol preamble)."""
-        started = client.started if isinstance(client, DeadlineSocket) else time.monotonic()
-        deadline = started + self.seconds
-        ip = peer_ip(addr)
-        missed = timed_out("request head", self.seconds, ip)
-        if self.applies_to(client):
-            if self.deferred >= self.seconds and silent(client):
-                return timed_out("request head", self.deferred, ip)
-            if not self.arrived(client, deadline):
-                return missed
-        if isinstance(client, DeadlineSocket):
-            client.arm(deadline, missed)
+        where the wait does not apply: a unix socket, a PROXY protocol preamble) — unless the
+        whole head was there at the first look, the usual case: reading bytes already there
+        never blocks, and the body has a deadline of its own."""
+        if not isinstance(client, DeadlineSocket):
+            return None
+        deadline = client.started + self.seconds
+        if self.applies_to(addr):
+            seen = client.seen
+            if self.deferred >= self.seconds and seen == 0:  # silent for the whole deferral
+                return timed_out("request head", self.deferred, peer_ip(addr))
+            if seen < 0 or seen == len(self._buf) or self._ends(0, seen):
+                return None  # all there (or the parser's to refuse): its reads cannot block
+            if not self.arrived(client, deadline, seen):
+                return timed_out("request head", self.seconds, peer_ip(addr))
+        client.arm(deadline, missed("request head", self.seconds, peer_ip(addr)))
         return None
 
-    def applies_to(self, client: socket.socket) -> bool:
-        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's),
-        and only where the plain head is what arrives first."""
-        return self._enabled and client.family in (socket.AF_INET, socket.AF_INET6)
+    def applies_to(self, addr: Any) -> bool:
+        """Does the wait apply? TCP only (``SO_RCVLOWAT`` and ``TCP_DEFER_ACCEPT`` are TCP's;
+        a TCP peer's address is a tuple, a unix socket's a string), and only where the plain
+        head is what arrives first."""
+        return self._enabled and isinstance(addr, tuple)
 
-    def arrived(self, client: socket.socket, deadline: float) -> bool:
+    def arrived(self, client: socket.socket, deadline: float, seen: int) -> bool:
         """True once the head's blank line is in the kernel's buffer, or the parser must read
         to see more (the client closed its side, the head fills what the kernel will take, an
-        error); False at the deadline."""
-        seen = 0
+        error); False at the deadline. ``seen``: bytes already looked at."""
         lowered = False
-        poller = select.poll()
-        poller.register(client, select.POLLIN | select.POLLRDHUP)
+        poller = self._poll
+        poller.register(client, self._events)
         try:
             while True:
                 try:
@@ -111,11 +111,12 @@ class HeadWait:
                 events = poller.poll(max(left * 1000, 1))
                 if not events:
                     return False
-                if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                if events[0][1] & self._closed:
                     return True  # the parser reads what is there, then sees the end
         except OSError:
             return True
         finally:
+            poller.unregister(client)
             if lowered:  # the parser's reads must not wait for that many bytes
                 with contextlib.suppress(OSError):
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

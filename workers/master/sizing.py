@@ -134,9 +134,11 @@ def cgroup_quota(proc_cgroup: str, mountinfo: str, fs_root: Path = Path("/")) ->
 def cpu_budget() -> CpuBudget:
     """Read this process's CPU budget from the live system."""
     proc_cgroup, mountinfo = (_read(Path(f"/proc/self/{f}")) or "" for f in ("cgroup", "mountinfo"))
+    total = os.cpu_count() or 1
     return CpuBudget(
-        total=os.cpu_count() or 1,
-        affinity=len(os.sched_getaffinity(0)),
+        total=total,
+        # No affinity call off Linux (macOS): every CPU counts.
+        affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total,
         quota=cgroup_quota(proc_cgroup, mountinfo),
     )
 

@@ -33,13 +33,12 @@ class HeavyLogger(glogging.Logger):
 
     error_fmt = r"%(asctime)s [%(process)d] [%(worker)s] [%(levelname)s] %(message)s"
     access_fmt = r"%(asctime)s [%(process)d] [%(worker)s] %(message)s"
-    #: The queue wait of the request in hand, set by the worker's queue gate (seconds or None).
-    queue_wait: float | None = None
 
-    def atoms(self, resp, req, environ, request_time) -> dict:
-        """Gunicorn's atoms, and ``queue_wait_ms`` (for JSON lines, or ``%(queue_wait_ms)s``)."""
-        atoms = super().atoms(resp, req, environ, request_time)
-        wait = self.queue_wait
+    def atoms(self, resp, req, wsgi, request_time) -> dict:
+        """Gunicorn's atoms, and ``queue_wait_ms`` (for JSON lines, or ``%(queue_wait_ms)s``):
+        the queue gate's measure, carried by the request's connection (``gunicorn.socket``)."""
+        atoms = super().atoms(resp, req, wsgi, request_time)  # wsgi: the request's environ
+        wait = getattr(wsgi.get("gunicorn.socket"), "queue_wait", None)
         atoms["queue_wait_ms"] = round(wait * 1000, 3) if wait is not None else None
         return atoms
 
