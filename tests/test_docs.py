@@ -292,32 +292,33 @@ def test_the_readme_tree_lists_every_kit_module() -> None:
 # -- claims the docs make about the code's numbers ------------------------------------------------
 
 
-def _codel_fractions() -> dict[str, float]:
-    """CoDel's window, target and cut as fractions of the queue timeout, read from the code."""
+def _shedding_numbers() -> dict[str, float]:
+    """The shedding policy's window and target as fractions of the queue timeout, and its
+    growth factor, read from the code (``workers/gates/shedding.py``)."""
     for module, info in MODULES.items():
-        if module.startswith("workers.") and "Codel" in info.classes:
-            init = re.search(r"class Codel\b.*?def __init__.*?(?=\n    def )", info.source, re.S)
-            assert init, f"{module}.Codel has no __init__"
-            found = dict(re.findall(r"self\.(\w+) = cap / (\d+)", init.group(0)))
-            return {name: 1 / int(d) for name, d in found.items()}
-    pytest.fail("no Codel class under workers/: update this test with its successor")
+        if module.startswith("workers.") and "Shedding" in info.classes:
+            init = re.search(r"class Shedding\b.*?def __init__.*?(?=\n    def )", info.source, re.S)
+            assert init, f"{module}.Shedding has no __init__"
+            found = {
+                name: 1 / int(d)
+                for name, d in re.findall(r"self\.(\w+) = cap / (\d+)", init.group(0))
+            }
+            growth = re.search(r"^GROWTH = ([\d.]+)$", info.source, re.M)
+            assert growth, f"{module} declares no GROWTH"
+            return {**found, "growth": float(growth.group(1))}
+    pytest.fail("no Shedding class under workers/: update this test with its successor")
 
 
-def test_the_codel_window_in_the_docs_is_the_code_s() -> None:
-    fractions = _codel_fractions()
+def test_the_shedding_numbers_in_the_docs_are_the_code_s() -> None:
+    numbers = _shedding_numbers()
     words = {1 / 2: "half", 1 / 4: "a quarter", 1 / 10: "a tenth"}
-    window = words[fractions["interval"]]
     operating = " ".join((REPO / "docs" / "operating.md").read_text().split())
-    assert f"no request in a whole {window} of `HEAVYAPP_QUEUE_TIMEOUT`" in operating
-    assert f"less than {words[fractions['target']]} of it" in operating
-    assert f"more than {words[fractions['shed_above']]} of it" in operating
+    assert f"for {words[numbers['interval']]} of `HEAVYAPP_QUEUE_TIMEOUT`" in operating
+    assert f"more than {numbers['growth']:g} times the rate" in operating
+    assert f"waited more than {words[numbers['target']]} of it" in operating
     design = " ".join((REPO / "docs" / "design.md").read_text().split())
-    d = {k: round(1 / v) for k, v in fractions.items()}
-    claim = (
-        f"a window of `Q/{d['interval']}`, a target of `Q/{d['target']}`, "
-        f"a cut at `Q/{d['shed_above']}`"
-    )
-    assert claim in design
+    window = round(1 / numbers["interval"])
+    assert f"Arrivals above {numbers['growth']:g} times that for a whole `Q/{window}`" in design
 
 
 # -- the checks themselves catch what they are for ----------------------------------------------

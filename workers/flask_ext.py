@@ -136,7 +136,7 @@ def _worker_headers(pid: int, wid: str) -> tuple[tuple[str, str], ...]:
 class _Counted:
     """The app's WSGI callable, counted and timed, its answers tagged with the worker.
 
-    A WSGI wrapper (as ``ProxyFix`` is) rather than ``before_request``/``after_request`` hooks:
+    A WSGI middleware rather than ``before_request``/``after_request`` hooks:
     the headers go into the plain list the server gets, the route is read from the request
     Flask made (``werkzeug.request``, while its context is still open: Flask starts the answer
     before it pops it), and the time is kept in a local, so the kit's Flask side costs a few
