@@ -128,7 +128,7 @@ PANELS = [
     panel(
         "Refusals by reason",
         "reqps",
-        "Requests refused before the app (queue-timeout, codel: answered 503) or dropped "
+        "Requests refused before the app (queue-timeout, queue-growing: answered 503) or dropped "
         "(client-gone: the client left first).",
         (
             f"sum by (reason) (rate(heavyapp_shed_total{{{SERVERS}}}[{RATE}]))",

@@ -72,19 +72,28 @@ def log_access(log: Any, stop: Stop, client: socket.socket, addr: Any, took: flo
     log.access(response, (), environ, timedelta(seconds=took))
 
 
+#: Why a request was stopped before the app (``heavyapp_shed_total{reason}``): the shedding
+#: policy's two refusals (``workers/gates/shedding.py``) and the departed client's drop.
+SHED_REASONS = ("queue-timeout", "queue-growing", "client-gone")
+
+
 @functools.cache
 def metrics() -> SimpleNamespace:
     """The gates' metrics, made on first use in the worker: ``prometheus_client`` must not be
     imported in the master before the metrics directory is set (``workers/master/metrics.py``)."""
     from prometheus_client import Counter, Histogram
 
+    shed = Counter(
+        "heavyapp_shed_total",
+        "Requests refused or dropped before the app ran, by reason "
+        "(queue-timeout, queue-growing, client-gone).",
+        ["reason"],
+    )
+    # Every reason at 0 from the start: an alert's rate() then counts the first refusal too.
+    for reason in SHED_REASONS:
+        shed.labels(reason=reason)
     return SimpleNamespace(
-        shed=Counter(
-            "heavyapp_shed_total",
-            "Requests refused or dropped before the app ran, by reason "
-            "(queue-timeout, queue-growing, client-gone).",
-            ["reason"],
-        ),
+        shed=shed,
         wait=Histogram(
             "heavyapp_queue_wait_seconds",
             "Time from a request's first bytes reaching this host to a worker picking it up.",
