@@ -215,6 +215,15 @@ class NginxFront(ChildServer):
         return self.error_log() + super().log_text()
 
 
+def nginx_t(conf: Path = NGINX_CONF, binary: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``nginx -t`` on ``conf`` rendered for a placeholder upstream, its prefix removed after."""
+    front = NginxFront("127.0.0.1:9", conf=conf, binary=binary)
+    try:
+        return front.check_config()
+    finally:
+        front.cleanup()
+
+
 @contextlib.contextmanager
 def fronting(upstream: GunicornServer | str, **kwargs: object) -> Iterator[NginxFront]:
     """A started ``NginxFront`` for the ``with`` block, stopped and removed whatever happens."""

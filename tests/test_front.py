@@ -38,6 +38,7 @@ from harness.nginx import (
     fronting,
     lone_server_conf,
     nginx_binary,
+    nginx_t,
     placeholders,
     render,
 )
@@ -134,11 +135,7 @@ def directives(text: str) -> list[tuple[int, str]]:
 
 
 def test_shipped_config_passes_nginx_t(nginx: str) -> None:
-    front = NginxFront("127.0.0.1:9", binary=nginx)
-    try:
-        proc = front.check_config()
-    finally:
-        front.cleanup()
+    proc = nginx_t(binary=nginx)
     assert proc.returncode == 0, proc.stderr
     assert "test is successful" in proc.stderr
 
@@ -147,11 +144,7 @@ def test_nginx_t_really_checks(nginx: str, tmp_path: Path) -> None:
     """The same check refuses the shipped file with a directive misspelt."""
     broken = tmp_path / "heavyapp.conf"
     broken.write_text(NGINX_CONF.read_text().replace("send_timeout", "sendd_timeout"))
-    front = NginxFront("127.0.0.1:9", binary=nginx, conf=broken)
-    try:
-        proc = front.check_config()
-    finally:
-        front.cleanup()
+    proc = nginx_t(broken, binary=nginx)
     assert proc.returncode != 0
     assert "sendd_timeout" in proc.stderr
 
