@@ -210,7 +210,7 @@ def test_heavyctl_status_shows_queue_wait_and_shed_counts(start_server: Start) -
     data = json.loads(
         subprocess.run([*run, "--json"], env=env, capture_output=True, timeout=30).stdout
     )
-    assert data["queue"]["shed"] == {"queue-timeout": 1}
+    assert data["queue"]["shed"] == {"queue-timeout": 1, "queue-growing": 0, "client-gone": 0}
     assert data["queue"]["requests"] >= 2
     text = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30).stdout
     assert "shed: queue-timeout 1" in text and "requests timed, mean wait" in text

@@ -331,7 +331,7 @@ def render_status(data: dict[str, Any]) -> str:
 
 
 def render_queue(q: dict[str, Any]) -> str:
-    shed = ", ".join(f"{reason} {n}" for reason, n in sorted(q["shed"].items())) or "none"
+    shed = ", ".join(f"{why} {n}" for why, n in sorted(q["shed"].items()) if n) or "none"
     if not q["requests"]:
         return f"queue: no request timed yet; shed: {shed}"
     p95 = "over 10 s" if q["p95_wait_ms"] is None else f"<= {q['p95_wait_ms']:g} ms"
