@@ -251,9 +251,7 @@ def test_roll_scale_and_a_lost_container_cost_no_get(deployed):
 def test_stock_gunicorn_in_the_same_stack(deployed):
     """The peer, for the record (HEAVYAPP_SWARM_FULL=1): its failures are printed, not asserted."""
     if not FULL:
-        pytest.skip(
-            "HEAVYAPP_SWARM_FULL=1 runs the scenario on stock Gunicorn too (bench/swarm.py)"
-        )
+        pytest.skip(reason="HEAVYAPP_SWARM_FULL=1 runs it on stock Gunicorn too (bench/swarm.py)")
     stock = swarm.Stack(port=deployed.port, stock=True)
     stock.deploy()
     try:
@@ -271,7 +269,7 @@ def test_prometheus_scrapes_every_task(deployed, base_image):
     """The optional Prometheus file (HEAVYAPP_SWARM_FULL=1): one target per app task, all up,
     and a scale-out shows up as one more target."""
     if not FULL:
-        pytest.skip("HEAVYAPP_SWARM_FULL=1 also deploys deploy/swarm/prometheus.yaml")
+        pytest.skip(reason="HEAVYAPP_SWARM_FULL=1 also deploys deploy/swarm/prometheus.yaml")
     dockerkit.build_prometheus_image(base=base_image)
     stack = swarm.Stack(port=deployed.port, prometheus_port=free_port())
     api = f"http://127.0.0.1:{stack.env['PROMETHEUS_PORT']}/api/v1/targets"
