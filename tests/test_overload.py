@@ -22,7 +22,6 @@ import requests
 
 from harness.server import GunicornServer
 from helpers import poll_until
-from workers.gates.shedding import Shedding
 
 Start = Callable[..., GunicornServer]
 HEAVYCTL = str(Path(sys.executable).with_name("heavyctl"))
@@ -214,66 +213,6 @@ def test_heavyctl_status_shows_queue_wait_and_shed_counts(start_server: Start) -
     assert data["queue"]["requests"] >= 2
     text = subprocess.run(run, env=env, capture_output=True, text=True, timeout=30).stdout
     assert "shed: queue-timeout 1" in text and "requests timed, mean wait" in text
-
-
-# -- the controller alone (a pure function of the waits it sees) -----------------------------
-
-
-def shedding(cap: float = 0.9) -> Shedding:
-    """Two workers that take 1/30 s a request: the pool serves 60 a second."""
-    policy = Shedding(cap, workers=2)
-    policy.served(1 / 30)
-    return policy
-
-
-def feed(policy: Shedding, picks: list[tuple[float, float, int]]) -> list[str | None]:
-    """(now, wait, depth behind) for each request picked up -> why each was refused."""
-    return [policy.reason_to_shed(wait, now, lambda d=depth: d) for now, wait, depth in picks]
-
-
-def test_a_steady_standing_queue_is_never_cut() -> None:
-    """36 closed-loop callers on 60 a second: 0.57 s of queue, arriving as fast as served."""
-    policy = shedding()
-    picks = [(i / 60, 0.57, 34) for i in range(600)]
-    assert feed(policy, picks) == [None] * 600 and not policy.shedding
-
-
-def test_a_growing_queue_is_cut_to_the_target_and_the_cap_always_holds() -> None:
-    policy = shedding()  # target 0.09, interval 0.45
-    # Arrivals at five times the pool's rate (depth / wait = 300 a second), 1 s of work queued.
-    growing = [(i / 60, 0.2, 60) for i in range(27)]  # 0.43 s: not yet a whole interval
-    assert feed(policy, growing) == [None] * 27
-    assert feed(policy, [(0.46, 0.2, 60), (0.47, 0.05, 12)]) == ["queue-growing", None]
-    assert policy.shedding  # not ready: /readyz answers 503
-    assert feed(policy, [(0.48, 1.0, 0)]) == ["queue-timeout"]
-    # Arrivals back at the pool's rate: the queue drains, nothing is cut any more.
-    assert feed(policy, [(0.5, 0.2, 12)]) == [None] and not policy.shedding
-
-
-def test_a_burst_the_pool_serves_in_time_passes() -> None:
-    """Arrivals far above the rate for a whole second, but 40 requests: 0.67 s of work."""
-    policy = shedding()
-    burst = [(t / 100, t / 100, 40 - t // 3) for t in range(10, 85)]
-    assert feed(policy, burst) == [None] * 75 and not policy.shedding
-
-
-def test_shedding_stops_when_the_refused_come_straight_back() -> None:
-    """Callers who ignore Retry-After keep a closed loop's queue as deep as it was: an interval
-    of refusals later, shedding stops."""
-    policy = shedding()  # interval 0.45
-    policy.service = 1 / 10  # misjudged (a starved CPU): the pool seems to serve 20 a second
-    picks = [(i / 60, 0.3, 40) for i in range(90)]  # 1.5 s: 40 deep, arrivals look 133/s
-    reasons = feed(policy, picks)
-    assert "queue-growing" in reasons[27:40]  # shedding began after an interval...
-    assert set(reasons[70:]) == {None} and not policy.shedding  # ...and stopped one later
-
-
-def test_fast_arrivals_into_a_queue_served_within_the_cap_are_not_cut() -> None:
-    """Callers refused once and back at once look like fast arrivals; while what is queued is
-    less than the cap's worth of work (30 requests: 0.5 s), nothing is cut."""
-    policy = shedding()
-    picks = [(i / 60, 0.2, 30) for i in range(120)]  # depth / wait = 150 a second, for 2 s
-    assert feed(policy, picks) == [None] * 120 and not policy.shedding
 
 
 @pytest.mark.skipif(

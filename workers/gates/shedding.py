@@ -4,29 +4,35 @@ Two cases, told apart by the queue's trend rather than its length:
 
 - **A request that waited past the cap** (``HEAVYAPP_QUEUE_TIMEOUT``) is refused always
   (``queue-timeout``): its client has given up, or will before the answer.
-- **A growing queue is cut to the target** (``queue-growing``). The accept queue is FIFO, so
-  the ``depth`` connections behind the request just picked up all arrived while it waited:
-  ``depth / wait`` is the arrival rate over that window, exactly (Little's law on the queue).
-  The pool serves ``workers / service`` requests a second, ``service`` being this worker's
-  measured time per request. Arrivals above ``GROWTH`` times that rate for a whole
-  ``interval``, with more queued than the pool serves within the cap, mean the queue grows
-  without end: from then on every request that waited more than ``target`` is refused, oldest
-  first, until arrivals fall back to the pool's rate or the queue holds less than ``target``
-  of work.
+- **A growing queue is cut to the target** (``queue-growing``). Arrivals are counted over each
+  ``interval``: what left the accept queue (this worker's picks, as many for each worker) plus
+  what it gained (the depth behind the request just picked up, then and now). The pool serves
+  ``workers / service`` requests a second, ``service`` being this worker's measured time per
+  request. Arrivals of an interval above ``GROWTH`` times that rate, with more queued than the
+  pool serves within the cap, mean the queue grows without end: from then on every request
+  that waited more than ``target`` is refused, oldest first, while more is queued than the
+  pool serves within ``target``.
 
 Under overload the queue is thus held near ``target``: what is served is served fast, and the
 workers never idle. A standing but steady queue — a closed loop of callers, each waiting for its
-answer, arrives exactly as fast as the pool serves — is never cut: its waits are inside the
-cap, so it is served in time. A burst passes unless it outlasts the interval and the cap. Once
-shedding, callers who come straight back when refused keep the arrivals high; the cap on what
-is queued keeps such a loop from starting it below its reach, and a loop that does start it
-(its service time misjudged, say while other load starves the CPUs) stops it an interval later,
-when the refusals have not made the queue any shorter.
+answer — is never cut: its callers arrive exactly as fast as the pool serves, its depth never
+grows past their number however many came at once (a service time misjudged does not change
+what is counted), and its waits are inside the cap. A burst passes unless it outlasts the
+interval and the cap. Arrivals are counted, not sampled: one request's ``depth / wait`` swings
+with bursty arrivals, and reads high for a worker whose neighbour already refuses.
+
+Shedding stops when the queue has stayed short for an interval, or a request finds it empty
+(the overload is over), or when it proves futile: an interval of refusals left the queue as
+deep as it was when shedding began, where cutting an open loop's queue to the target leaves a
+fifth of it (its depth then: arrivals over an interval; now: over a target). The refused are
+coming straight back (a closed loop that ignores ``Retry-After``, spawned fast enough to look
+like growth), and refusing only turns their waits into refusals; it then starts again only for
+a deeper queue, until the queue has drained.
 
 All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
 room for the error of one worker's service time standing for the pool's (workers share CPUs
-with other load) and for the noise of one sample; a rate between the pool's and ``GROWTH``
-times it grows slowly, and the cap bounds it.
+with other load) and of its picks standing for every worker's; a rate between the pool's and
+``GROWTH`` times it grows slowly, and the cap bounds it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from collections.abc import Callable
 
 #: Arrivals above this multiple of the pool's rate mean a growing queue.
 GROWTH = 1.5
+#: A queue still this deep, after an interval of shedding, of the depth that started it: the
+#: refused are coming straight back, so refusing only turns waits into refusals.
+_HELD = 0.9
 #: Weight of the newest service time in the running mean (about the last 10 requests).
 _NEWEST = 0.1
 
@@ -47,18 +56,16 @@ class Shedding:
         self.interval = cap / 2
         #: Mean seconds this worker takes per request it serves (None until one was served).
         self.service: float | None = None
-        self._growing_since: float | None = None
-        self._shed_from: tuple[float, int] | None = None  # when shedding began, the depth then
-        #: The depth at which shedding last proved futile: only a deeper queue starts it again.
-        self._futile_depth = 0
         self.shedding = False
-
-    def futile(self, now: float, behind: int) -> bool:
-        """Has an interval of shedding left the queue as deep as it was? Then the refused come
-        straight back (a closed loop of callers that ignore ``Retry-After``): refusing more
-        only turns their waits into refusals, so shedding stops (the cap still holds)."""
-        began, depth = self._shed_from or (now, behind)
-        return now - began >= self.interval and behind >= 0.9 * depth
+        #: The window arrivals are counted over: since when, the depth then, this worker's
+        #: picks since (None: no queue to judge).
+        self._window: tuple[float, int] | None = None
+        self._picks = 0
+        self._started_at = 0  # the depth that started the shedding
+        self._calm_since: float | None = None  # shedding: since when the queue is short
+        #: When shedding last proved futile, and the depth then: only a deeper queue starts it
+        #: again, until a short wait an interval later shows the queue drained.
+        self._futile = (0.0, 0)
 
     def served(self, seconds: float) -> None:
         """A request went through the app in ``seconds`` (pick-up to close)."""
@@ -69,34 +76,63 @@ class Shedding:
         """Why a request that waited ``wait`` s, picked up at ``now`` (monotonic), is refused;
         or None. ``depth()`` reads the accept queue behind it (-1: unknown); only asked when
         the wait is past the target, or while shedding."""
+        self._picks += 1
         if wait > self.cap:
             return "queue-timeout"
-        if (wait <= self.target and not self.shedding) or self.service is None:
+        if self.service is None or (wait <= self.target and not self.shedding):
             if wait <= self.target:
-                self._futile_depth = 0  # the queue drained: a new overload is judged afresh
+                self._window = None
+                if now - self._futile[0] >= self.interval:  # drained: judged afresh
+                    self._futile = (0.0, 0)
             return None
         behind = depth()
         if behind < 0:
             return None
         rate = self.workers / self.service
-        arrivals = behind / max(wait, 1e-3)
-        backlog = behind / rate  # how long the newest request in the queue will wait
-        if self.shedding:  # until arrivals fall to the pool's rate or the queue is short
-            growing = arrivals > rate and backlog > self.target
-            if growing and self.futile(now, behind):
-                self._futile_depth, growing = behind, False
-        else:
-            growing = arrivals > GROWTH * rate and behind > 1.1 * self._futile_depth
-        if not growing:
-            self._growing_since = self._shed_from = None
+        if not self.shedding:
+            return self._judge_growth(now, behind, rate)
+        if behind == 0 and wait <= self.target:  # the queue is empty: the overload is over
             self.shedding = False
             return None
-        if self._growing_since is None:
-            self._growing_since = now
-        if not self.shedding:
-            # Only a queue that has grown for a whole interval, and that its newest requests
-            # could not wait out within the cap.
-            self.shedding = now - self._growing_since >= self.interval and backlog > self.cap
-            if self.shedding:
-                self._shed_from = (now, behind)
-        return "queue-growing" if self.shedding and wait > self.target else None
+        if self._arrivals(now, behind) is not None and behind >= _HELD * self._started_at:
+            self._futile = (now, behind)  # an interval of refusals left the queue as deep
+            self.shedding = False
+            return None
+        if behind > rate * self.target:  # more queued than the pool serves within the target
+            self._calm_since = None
+            return "queue-growing" if wait > self.target else None
+        if self._calm_since is None:
+            self._calm_since = now
+        elif now - self._calm_since >= self.interval:
+            self.shedding = False  # short for a whole interval: the overload is over
+        return None
+
+    def _judge_growth(self, now: float, behind: int, rate: float) -> str | None:
+        """Start shedding once the arrivals of an interval came to more than ``GROWTH`` times
+        the pool's rate, and the queue holds more than the pool serves within the cap."""
+        if self._window is None:
+            self._window, self._picks = (now, behind), 0
+            return None
+        arrivals = self._arrivals(now, behind)
+        if (
+            arrivals is None
+            or arrivals <= GROWTH * rate
+            or behind <= rate * self.cap
+            or behind <= 1.1 * self._futile[1]
+        ):
+            return None
+        self.shedding, self._started_at = True, behind
+        self._calm_since = None
+        return "queue-growing"
+
+    def _arrivals(self, now: float, behind: int) -> float | None:
+        """Requests that arrived a second over the window, once it is an interval long (and a
+        new window from now); None before. Counted, not sampled: what left the queue (this
+        worker's picks, as many for each worker) and what it gained."""
+        assert self._window is not None
+        began, depth_then = self._window
+        if now - began < self.interval:
+            return None
+        arrived = (self.workers * self._picks + behind - depth_then) / (now - began)
+        self._window, self._picks = (now, behind), 0
+        return arrived
