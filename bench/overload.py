@@ -88,10 +88,16 @@ class Run:
     result: OpenLoopResult
     others: float
     recovery: float
+    #: The base's capacity measured just before and just after this run (rps, their mean).
+    capacity: float
 
 
-def load(name: str, server: GunicornServer, multiple: float, rate: float, seconds: float) -> Run:
-    """Offer ``rate`` to ``server`` for ``seconds``, then wait until it has drained its queue."""
+def load(
+    name: str, server: GunicornServer, multiple: float, rate: float, seconds: float, base: str
+) -> Run:
+    """Offer ``rate`` to ``server`` for ``seconds``, then wait until it has drained its queue;
+    the capacity of ``base`` (a URL) is measured just before and just after."""
+    before = measure_capacity(base, seconds=CAPACITY_SECONDS)
     busy, cpu = machine_busy(), server_cpu_s(server)
     result = open_loop(server.url + PATH, rate, seconds)
     busy, cpu = machine_busy() - busy, server_cpu_s(server) - cpu
@@ -99,7 +105,8 @@ def load(name: str, server: GunicornServer, multiple: float, rate: float, second
     recovery = recovery_seconds(health, limit=RECOVERY_LIMIT)
     recovery_seconds(health, within=DRAINED, limit=RECOVERY_LIMIT)
     others = others_share(busy, cpu, result.client_cpu_s, result.elapsed)
-    return Run(name, multiple, result, others, recovery)
+    after = measure_capacity(base, seconds=CAPACITY_SECONDS)
+    return Run(name, multiple, result, others, recovery, (before + after) / 2)
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ def milliseconds(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:,.0f}"
 
 
-def rows(runs: list[Run], capacity: float, order: list[str]) -> list[list[object]]:
+def rows(runs: list[Run], order: list[str]) -> list[list[object]]:
     """The table's rows, server by server in ``order``; "vs kit": goodput over the kit's at the
     same multiple (a ratio from the same run, which a noisy machine leaves meaningful)."""
     kit_goodput = {r.multiple: r.result.goodput for r in runs if r.server == "kit"}
@@ -168,7 +175,8 @@ def rows(runs: list[Run], capacity: float, order: list[str]) -> list[list[object
                 f"{run.multiple:g}x",
                 r.rate,
                 f"{r.goodput:.1f}",
-                f"{r.goodput / capacity:.2f}",
+                f"{run.capacity:.1f}",
+                f"{r.goodput / run.capacity:.2f}",
                 f"{r.goodput / base:.2f}" if base else "-",
                 r.refused,
                 r.other,
@@ -220,7 +228,8 @@ def main() -> None:
         capacity = max(capacities)
         for i, multiple in enumerate(multiples):
             for name, server in list(servers.items())[:: 1 if i % 2 == 0 else -1]:
-                runs.append(load(name, server, multiple, multiple * capacity, args.duration))
+                rate = multiple * capacity
+                runs.append(load(name, server, multiple, rate, args.duration, base.url + PATH))
         reach = capacity * CLIENT_TIMEOUT
         for i, multiple in enumerate(closed_multiples):
             users = max(1, round(multiple * reach))
@@ -248,15 +257,17 @@ def open_table(
     n = usable_cores()
     first = runs[0].result
     headers = [
-        "server", "multiple", "offered rps", "goodput rps", "goodput / capacity",
+        "server", "multiple", "offered rps", "goodput rps", "capacity then", "goodput / capacity",
         "goodput vs kit", "refused (503)", "other status", "no answer", "median ms", "p95 ms",
         "recovery s", "others' CPU",
     ]  # fmt: skip
-    return table(headers, rows(runs, capacity, order)) + (
+    return table(headers, rows(runs, order)) + (
         f"\n\nCapacity {capacity:.1f} rps: the best of `wrk -c 8` for {CAPACITY_SECONDS} s "
         f"({', '.join(f'{c:.1f}' for c in capacities)} rps) against "
         f"{'the kit' if 'kit' in order else order[0]} ({n} workers), the base of "
-        f"every multiple. Each run: {duration:g} s of arrivals from {first.processes} hey "
+        f"every multiple. A shared machine's speed drifts, so each run's goodput is set "
+        f"against the capacity measured the same way just before and just after it (capacity "
+        f"then, their mean). Each run: {duration:g} s of arrivals from {first.processes} hey "
         f"processes started 1/{first.processes} s apart, client timeout {first.timeout} s. "
         f"Goodput: 2xx answered within the timeout per second. No answer: requests with no "
         f"response within the timeout (client timeouts and connection errors). Median and p95: "
