@@ -5,11 +5,11 @@ server, in milliseconds and exactly repeatable.
 One FIFO queue, ``workers`` workers that each hold their own ``Shedding`` (as each worker
 process does), a fixed service time and a refusal cost. Two kinds of callers:
 
-- ``hey_open_loop``: as harness/openloop.py drives hey: ``processes`` processes started 1/K s
-  apart, each sending its share of the rate in one burst a second, whatever the answers.
-- ``closed_loop``: ``users`` callers, each sending its next request when its answer comes (a
+- open loop, as harness/openloop.py drives hey: ``processes`` processes started 1/K s apart,
+  each sending its share of the rate in one burst a second, whatever the answers;
+- closed loop: ``users`` callers, each sending its next request when its answer comes (a
   refusal included, straight back), or when its timeout passes without one; started all at
-  once, or a few a second as Locust spawns them.
+  once, or a few a second as Locust spawns them; alone, or right after an open loop.
 
 A request whose caller gave up is dropped when picked up at the refusal's cost, unjudged (the
 departed gate does that before the queue gate).
@@ -67,6 +67,7 @@ class _Run:
         self.outcome = Outcome()
         self.ids = itertools.count()
         self.caller_of: dict[int, int] = {}
+        self.until, self.think = 0.0, 0.0
 
     def at(self, when: float, kind: str, arg: int) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, arg))
@@ -121,39 +122,33 @@ class _Run:
         return self.outcome
 
     def answered(self, now: float, caller: int) -> None:
-        """A caller got its answer (or gave up): open-loop callers do not care."""
+        """A caller got its answer (or gave up): a closed-loop one sends its next request."""
+        if caller >= 0 and now < self.until:
+            self.at(now + self.think, "send", caller)
 
 
-def hey_open_loop(
-    pool: Pool, rates: Sequence[float], processes: int = 10, timeout: float = 1.0
+def simulate(
+    pool: Pool,
+    *,
+    rates: Sequence[float] = (),
+    users: int = 0,
+    users_from: float = 0.0,
+    spawn: float = 1000.0,
+    seconds: float = 10.0,
+    think: float = 0.001,
+    processes: int = 10,
+    timeout: float = 1.0,
 ) -> Outcome:
-    """``rates[i]`` requests in second ``i`` (from 1 s on, as hey's first tick)."""
+    """Open-loop arrivals as hey sends them, ``rates[i]`` in second ``i`` from 1 s on; and
+    ``users`` closed-loop callers started from ``users_from`` s on, ``spawn`` a second (all at
+    once by default), each sending until ``seconds``."""
     run = _Run(pool, timeout)
+    run.until, run.think = seconds, think
     for tick, rate in enumerate(rates):
         per = round(rate)
         for p in range(processes):
             for _ in range(per // processes + (p < per % processes)):
                 run.at(1 + tick + p / processes, "send", -1)
-    return run.run(1 + len(rates) + 2 * timeout)
-
-
-class _Closed(_Run):
-    def answered(self, now: float, caller: int) -> None:
-        if now < self.until:
-            self.at(now + self.think, "send", caller)
-
-
-def closed_loop(
-    pool: Pool,
-    users: int,
-    seconds: float = 10,
-    timeout: float = 1.0,
-    think: float = 0.001,
-    spawn: float = 1000.0,
-) -> Outcome:
-    """``spawn``: callers started a second (Locust's spawn rate; all at once by default)."""
-    run = _Closed(pool, timeout)
-    run.until, run.think = seconds, think
     for user in range(users):
-        run.at(user / spawn, "send", user)
-    return run.run(seconds + 2 * timeout)
+        run.at(users_from + user / spawn, "send", user)
+    return run.run(max(seconds, 1 + len(rates)) + 2 * timeout)

@@ -27,7 +27,13 @@ deep as it was when shedding began, where cutting an open loop's queue to the ta
 fifth of it (its depth then: arrivals over an interval; now: over a target). The refused are
 coming straight back (a closed loop that ignores ``Retry-After``, spawned fast enough to look
 like growth), and refusing only turns their waits into refusals; it then starts again only for
-a deeper queue, until the queue has drained.
+a deeper queue, until the queue has drained. Callers that come straight back look, while they
+are refused, exactly like an open loop (what arrives is what is refused and served, in both), so
+every ``PROBE_EVERY`` intervals of shedding the worker stops refusing for two targets: an open
+loop's arrivals go on, and the shedding resumes at once; callers who wait for their answers
+arrive no faster than the pool serves, and it ends (a closed loop that began before the
+overload's queue emptied: wrk measuring capacity, a batch job's pool). What a probe lets wait is
+served within three targets.
 
 All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
 room for the error of one worker's service time standing for the pool's (workers share CPUs
@@ -44,6 +50,9 @@ GROWTH = 1.5
 #: A queue still this deep, after an interval of shedding, of the depth that started it: the
 #: refused are coming straight back, so refusing only turns waits into refusals.
 _HELD = 0.9
+#: Every this many intervals of shedding, one without: callers who wait for their answers
+#: then arrive no faster than the pool serves, and the shedding ends.
+PROBE_EVERY = 4
 #: Weight of the newest service time in the running mean (about the last 10 requests).
 _NEWEST = 0.1
 
@@ -54,6 +63,9 @@ class Shedding:
         self.workers = max(workers, 1)
         self.target = cap / 10
         self.interval = cap / 2
+        #: How long a probe stops refusing: what it lets wait is served within two targets,
+        #: and it spans more than one of hey's bursts (10 a second).
+        self._probe = 2 * self.target
         #: Mean seconds this worker takes per request it serves (None until one was served).
         self.service: float | None = None
         self.shedding = False
@@ -62,6 +74,8 @@ class Shedding:
         self._window: tuple[float, int] | None = None
         self._picks = 0
         self._started_at = 0  # the depth that started the shedding
+        self._shed_windows = 0  # intervals of it since
+        self._probing = False  # not refusing for an interval, to see if the queue still grows
         self._calm_since: float | None = None  # shedding: since when the queue is short
         #: When shedding last proved futile, and the depth then: only a deeper queue starts it
         #: again, until a short wait an interval later shows the queue drained.
@@ -80,7 +94,7 @@ class Shedding:
         if wait > self.cap:
             return "queue-timeout"
         if self.service is None or (wait <= self.target and not self.shedding):
-            if wait <= self.target:
+            if wait <= self.target and not self._probing:
                 self._window = None
                 if now - self._futile[0] >= self.interval:  # drained: judged afresh
                     self._futile = (0.0, 0)
@@ -94,10 +108,15 @@ class Shedding:
         if behind == 0 and wait <= self.target:  # the queue is empty: the overload is over
             self.shedding = False
             return None
-        if self._arrivals(now, behind) is not None and behind >= _HELD * self._started_at:
-            self._futile = (now, behind)  # an interval of refusals left the queue as deep
-            self.shedding = False
-            return None
+        if self._arrivals(now, behind, self.interval) is not None:
+            if behind >= _HELD * self._started_at:
+                self._futile = (now, behind)  # an interval of refusals left the queue as deep
+                self.shedding = False
+                return None
+            self._shed_windows += 1
+            if self._shed_windows % PROBE_EVERY == 0:  # stop refusing for an interval
+                self.shedding, self._probing = False, True
+                return None
         if behind > rate * self.target:  # more queued than the pool serves within the target
             self._calm_since = None
             return "queue-growing" if wait > self.target else None
@@ -113,25 +132,29 @@ class Shedding:
         if self._window is None:
             self._window, self._picks = (now, behind), 0
             return None
-        arrivals = self._arrivals(now, behind)
+        arrivals = self._arrivals(now, behind, self._probe if self._probing else self.interval)
+        if arrivals is None:
+            return None
+        # After a probe, a queue still growing resumes the shedding at once.
+        probed, self._probing = self._probing, False
         if (
-            arrivals is None
-            or arrivals <= GROWTH * rate
-            or behind <= rate * self.cap
+            arrivals <= GROWTH * rate
+            or behind <= rate * (self.target if probed else self.cap)
             or behind <= 1.1 * self._futile[1]
         ):
             return None
-        self.shedding, self._started_at = True, behind
-        self._calm_since = None
+        if not probed:
+            self._started_at, self._shed_windows = behind, 0
+        self.shedding, self._calm_since = True, None
         return "queue-growing"
 
-    def _arrivals(self, now: float, behind: int) -> float | None:
-        """Requests that arrived a second over the window, once it is an interval long (and a
+    def _arrivals(self, now: float, behind: int, length: float) -> float | None:
+        """Requests that arrived a second over the window, once it is ``length`` long (and a
         new window from now); None before. Counted, not sampled: what left the queue (this
         worker's picks, as many for each worker) and what it gained."""
         assert self._window is not None
         began, depth_then = self._window
-        if now - began < self.interval:
+        if now - began < length:
             return None
         arrived = (self.workers * self._picks + behind - depth_then) / (now - began)
         self._window, self._picks = (now, behind), 0
