@@ -63,8 +63,8 @@ class Shedding:
         self.workers = max(workers, 1)
         self.target = cap / 10
         self.interval = cap / 2
-        #: How long a probe stops refusing: what it lets wait is served within two targets,
-        #: and it spans more than one of hey's bursts (10 a second).
+        #: How long a probe stops refusing: what it lets wait is served within three targets
+        #: (one before it, two during), and it spans more than one of hey's bursts (10 a second).
         self._probe = 2 * self.target
         #: Mean seconds this worker takes per request it serves (None until one was served).
         self.service: float | None = None
@@ -75,7 +75,7 @@ class Shedding:
         self._picks = 0
         self._started_at = 0  # the depth that started the shedding
         self._shed_windows = 0  # intervals of it since
-        self._probing = False  # not refusing for an interval, to see if the queue still grows
+        self._probing = False  # not refusing for a probe, to see if the queue still grows
         self._calm_since: float | None = None  # shedding: since when the queue is short
         #: When shedding last proved futile, and the depth then: only a deeper queue starts it
         #: again, until a short wait an interval later shows the queue drained.
@@ -114,7 +114,7 @@ class Shedding:
                 self.shedding = False
                 return None
             self._shed_windows += 1
-            if self._shed_windows % PROBE_EVERY == 0:  # stop refusing for an interval
+            if self._shed_windows % PROBE_EVERY == 0:  # stop refusing for a probe
                 self.shedding, self._probing = False, True
                 return None
         if behind > rate * self.target:  # more queued than the pool serves within the target
