@@ -11,8 +11,8 @@ process does), a fixed service time and a refusal cost. Two kinds of callers:
   refusal included, straight back), or when its timeout passes without one; started all at
   once, or a few a second as Locust spawns them; alone, or right after an open loop.
 
-A request whose caller gave up is dropped when picked up at the refusal's cost, unjudged (the
-departed gate does that before the queue gate).
+A request whose caller gave up is judged like any other: it waited past the caller's timeout,
+so past the cap, and is refused at once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Outcome:
     refused: int = 0
     late: int = 0  # no answer within the timeout
     waits: list[float] = field(default_factory=list)  # queue waits of the requests served
-    refusals: list[tuple[float, str]] = field(default_factory=list)  # when, and why
+    refusals: list[tuple[float, str]] = field(default_factory=list)  # when, and why: all
 
 
 @dataclass
@@ -88,12 +88,9 @@ class _Run:
         sent, rid = self.queue[self.head]
         self.head += 1
         behind = len(self.queue) - self.head
-        if rid not in self.caller_of:  # its caller gave up: dropped unjudged
-            self.at(now + self.pool.refusal, "free", worker)
-            return
         policy = self.policies[worker]
         if reason := policy.reason_to_shed(now - sent, now, lambda: behind):
-            self.outcome.refused += 1
+            self.outcome.refused += rid in self.caller_of  # not one whose caller gave up
             self.outcome.refusals.append((now, reason))
             self.at(now + self.pool.refusal, "answer", rid)
             self.at(now + self.pool.refusal, "free", worker)
