@@ -7,13 +7,14 @@ A closed loop cannot overload a server (each client waits for its answer); this 
 requests at a fixed rate with ``hey`` (harness/openloop.py: staggered processes, 1 s client
 timeout). Capacity is measured first, once, on the kit (``wrk``, a closed loop saturating it;
 the best of a few short runs, as other people's work on a shared machine only ever lowers it)
-and is the base for every server's multiples. Servers, each with one worker per usable core: the kit
-with ``HEAVYAPP_QUEUE_TIMEOUT`` set (requests that waited longer get a 503; a kit without that
-setting ignores it), stock Gunicorn (no config, sync worker), Gunicorn's dirty arbiters
-(gthread HTTP workers handing the count to a dirty pool of as many processes:
-``bench/dirty_peer.py``), Granian and uWSGI (the ``bench`` extra). All run at once, idle but
-for the one under load; for each multiple the servers are loaded in turn (order reversed every
-other multiple), and each must drain its queue before the next one is loaded.
+and is the base for every server's multiples; each run's goodput is set against the kit's
+capacity measured again just before and just after it, as the machine's speed drifts. Servers,
+each with one worker per usable core: the kit with ``HEAVYAPP_QUEUE_TIMEOUT`` set (requests that
+waited longer get a 503; a kit without that setting ignores it), stock Gunicorn (no config, sync
+worker), Gunicorn's dirty arbiters (gthread HTTP workers handing the count to a dirty pool of as
+many processes: ``bench/dirty_peer.py``), Granian and uWSGI (the ``bench`` extra). All run at
+once, idle but for the one under load; for each multiple the servers are loaded in turn (order
+reversed every other multiple), and each must drain its queue before the next one is loaded.
 
 Closed loops: ``reach`` = capacity x client timeout is how many callers, each sending its next
 request when its answer comes, the pool can serve within their timeout (a queue of ``reach``
