@@ -21,19 +21,18 @@ what is counted), and its waits are inside the cap. A burst passes unless it out
 interval and the cap. Arrivals are counted, not sampled: one request's ``depth / wait`` swings
 with bursty arrivals, and reads high for a worker whose neighbour already refuses.
 
-Shedding stops when the queue has stayed short for an interval, or a request finds it empty
-(the overload is over), or when it proves futile: an interval of refusals left the queue as
-deep as it was when shedding began, where cutting an open loop's queue to the target leaves a
-fifth of it (its depth then: arrivals over an interval; now: over a target). The refused are
-coming straight back (a closed loop that ignores ``Retry-After``, spawned fast enough to look
-like growth), and refusing only turns their waits into refusals; it then starts again only for
-a deeper queue, until the queue has drained. Callers that come straight back look, while they
-are refused, exactly like an open loop (what arrives is what is refused and served, in both), so
-every ``PROBE_EVERY`` intervals of shedding the worker stops refusing for two targets: an open
-loop's arrivals go on, and the shedding resumes at once; callers who wait for their answers
-arrive no faster than the pool serves, and it ends (a closed loop that began before the
-overload's queue emptied: wrk measuring capacity, a batch job's pool). What a probe lets wait is
-served within three targets.
+Shedding stops when a request finds the queue empty (the overload is over), or when it proves
+futile: an interval of refusals left the queue as deep as it was when shedding began, where
+cutting an open loop's queue to the target leaves a fifth of it (its depth then: arrivals over
+an interval; now: over a target). The refused are coming straight back (a closed loop that
+ignores ``Retry-After``, spawned fast enough to look like growth), and refusing only turns their
+waits into refusals; it then starts again only for a deeper queue, until the queue has drained.
+Callers that come straight back look, while they are refused, exactly like an open loop (what
+arrives is what is refused and served, in both), so every ``PROBE_EVERY`` intervals of shedding
+the worker stops refusing for two targets: an open loop's arrivals go on, and the shedding
+resumes at once; callers who wait for their answers arrive no faster than the pool serves, and
+it ends (a closed loop that began before the overload's queue emptied: wrk measuring capacity, a
+batch job's pool). What a probe lets wait is served within three targets.
 
 All thresholds follow the cap: ``target`` a tenth of it, ``interval`` half. ``GROWTH`` leaves
 room for the error of one worker's service time standing for the pool's (workers share CPUs
@@ -76,7 +75,6 @@ class Shedding:
         self._started_at = 0  # the depth that started the shedding
         self._shed_windows = 0  # intervals of it since
         self._probing = False  # not refusing for a probe, to see if the queue still grows
-        self._calm_since: float | None = None  # shedding: since when the queue is short
         #: When shedding last proved futile, and the depth then: only a deeper queue starts it
         #: again, until a short wait an interval later shows the queue drained.
         self._futile = (0.0, 0)
@@ -117,13 +115,8 @@ class Shedding:
             if self._shed_windows % PROBE_EVERY == 0:  # stop refusing for a probe
                 self.shedding, self._probing = False, True
                 return None
-        if behind > rate * self.target:  # more queued than the pool serves within the target
-            self._calm_since = None
-            return "queue-growing" if wait > self.target else None
-        if self._calm_since is None:
-            self._calm_since = now
-        elif now - self._calm_since >= self.interval:
-            self.shedding = False  # short for a whole interval: the overload is over
+        if behind > rate * self.target and wait > self.target:  # more than a target's work
+            return "queue-growing"
         return None
 
     def _judge_growth(self, now: float, behind: int, rate: float) -> str | None:
@@ -145,7 +138,7 @@ class Shedding:
             return None
         if not probed:
             self._started_at, self._shed_windows = behind, 0
-        self.shedding, self._calm_since = True, None
+        self.shedding = True
         return "queue-growing"
 
     def _arrivals(self, now: float, behind: int, length: float) -> float | None:
